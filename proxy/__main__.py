@@ -1,0 +1,144 @@
+"""Command line: ``tenant-proxy serve|check-config|hash-key|new-key|dev``.
+
+The only module that reads argv or the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+
+from . import __version__
+from .auth import hash_key
+from .config import ConfigError, Settings, load_config
+
+
+def _load(path: str) -> Settings:
+    return load_config(path, os.environ)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+
+
+async def _serve(settings: Settings, banner: str | None = None) -> None:
+    from .app import start_gateway
+
+    running = await start_gateway(settings)
+    logging.getLogger("tenant_proxy").info(
+        "serving on %s:%d (admin %s:%d)", settings.server.host, running.port,
+        settings.server.admin_host, running.admin_port)
+    if banner:
+        print(banner, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await running.stop()
+
+
+def _run(coro_factory: object) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every platform we ship
+        asyncio.run(coro_factory)  # type: ignore[arg-type]
+    else:
+        uvloop.run(coro_factory)  # type: ignore[arg-type]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    _setup_logging(settings.logging.level)
+    _run(_serve(settings))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    _load(args.config)
+    print(f"{args.config}: ok")
+    return 0
+
+
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    key = sys.stdin.readline().strip()
+    if not key:
+        print("hash-key: give the key on standard input", file=sys.stderr)
+        return 1
+    print(hash_key(key))
+    return 0
+
+
+def cmd_new_key(args: argparse.Namespace) -> int:
+    key = "tp_" + secrets.token_urlsafe(32)
+    print(f"key:    {key}\nsha256: {hash_key(key)}")
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from .devstack import DEMO_BANNER, LocalStack
+
+    root = Path(args.dir).resolve()
+    stack = LocalStack(root, pg_port=args.pg_port, bouncer_port=args.bouncer_port, pool_size=args.pool_size)
+    stack.start()
+    try:
+        stack.load_demo()
+        settings = _load(args.config)
+        _setup_logging(settings.logging.level)
+        _run(_serve(settings, banner=DEMO_BANNER.format(port=settings.server.port,
+                                                         admin_port=settings.server.admin_port)))
+    finally:
+        stack.stop()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tenant-proxy", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the gateway")
+    p.add_argument("--config", required=True, help="YAML config file")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("check-config", help="validate a config file; exit 1 listing every problem")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("hash-key", help="read an API key on stdin, print its SHA-256 for the config")
+    p.set_defaults(func=cmd_hash_key)
+
+    p = sub.add_parser("new-key", help="print a fresh random API key and its SHA-256")
+    p.set_defaults(func=cmd_new_key)
+
+    p = sub.add_parser("dev", help="start a throwaway PostgreSQL + PgBouncer with demo data, then serve")
+    p.add_argument("--config", default="config/dev.yaml")
+    p.add_argument("--dir", default=".dev")
+    p.add_argument("--pg-port", type=int, default=55432)
+    p.add_argument("--bouncer-port", type=int, default=6432)
+    p.add_argument("--pool-size", type=int, default=20)
+    p.set_defaults(func=cmd_dev)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"config {getattr(args, 'config', '')} has {len(exc.problems)} problem(s):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

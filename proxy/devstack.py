@@ -1,0 +1,250 @@
+"""A throwaway local PostgreSQL + PgBouncer (transaction mode) from the machine's binaries.
+
+Used by ``tenant-proxy dev`` (``make run``) and by the test fixtures.  PostgreSQL
+refuses to run as root, so when started as root every server process runs as the
+``postgres`` user.  PgBouncer's config is the top-level ``pgbouncer.ini`` with only
+ports, paths and (for tests) the pool size substituted.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import re
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SQL_DIR = REPO / "deploy" / "sql"
+DEMO_SQL = REPO / "deploy" / "dev" / "demo.sql"
+PGBOUNCER_INI = REPO / "pgbouncer.ini"
+DATABASE = "appdb"
+APP_USER, APP_PASSWORD = "app", "secret"
+SUPERUSER, SUPERUSER_PASSWORD = "postgres", "postgres-dev-only"
+
+DEMO_BANNER = """
+pg-tenant-proxy is running (demo data: tenants acme and globex).
+  curl -s localhost:{port}/v1/query -H 'Authorization: Bearer demo-acme-key' \\
+       -H 'Content-Type: application/json' \\
+       -d '{{"sql": "SELECT event_type, data, created_at FROM events ORDER BY created_at"}}'
+  curl -s localhost:{port}/v1/query -H 'Authorization: Bearer demo-reporting-key' \\
+       -H 'X-Tenant-Id: 22222222-2222-4222-8222-222222222222' -d '{{"sql": "SELECT count(*) FROM events"}}'
+  health: curl -s localhost:{admin_port}/readyz
+Ctrl-C stops the gateway, PgBouncer and PostgreSQL.
+"""
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pg_bindir() -> Path:
+    """Directory of the PostgreSQL server binaries, preferring version 15."""
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: (("/15/" not in p), p))
+    found = shutil.which("initdb")
+    if found:
+        candidates.append(found)
+    if not candidates:
+        raise StackError("PostgreSQL server binaries (initdb) not found: run `make setup` or install postgresql-15")
+    return Path(candidates[0]).parent
+
+
+def pgbouncer_binary() -> str:
+    found = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if os.path.exists("/usr/sbin/pgbouncer") else None)
+    if not found:
+        raise StackError("pgbouncer not found: run `make setup` or `apt-get install pgbouncer`")
+    return found
+
+
+def render_pgbouncer_ini(template: str, values: dict[str, str], databases: dict[str, str]) -> str:
+    """Substitute settings in pgbouncer.ini, keeping every comment and unlisted setting."""
+    out, section = [], ""
+    for line in template.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("["):
+            section = stripped.strip("[]")
+        m = re.match(r"^([a-z_]+)\s*=", stripped)
+        if m and section == "pgbouncer" and m.group(1) in values:
+            line = f"{m.group(1)} = {values[m.group(1)]}"
+        elif m and section == "databases" and m.group(1) in databases:
+            line = f"{m.group(1)} = {databases[m.group(1)]}"
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+@dataclass
+class LocalStack:
+    root: Path
+    pg_port: int = 0
+    bouncer_port: int = 0
+    pool_size: int = 20
+    _bouncer: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root).resolve()
+        self.pg_port = self.pg_port or free_port()
+        self.bouncer_port = self.bouncer_port or free_port()
+        self.bindir = pg_bindir()
+        self.as_postgres = os.geteuid() == 0
+        self.data = self.root / "pgdata"
+        self.run_dir = self.root / "run"
+
+    # -- connection strings -------------------------------------------------------
+    @property
+    def gateway_dsn(self) -> str:
+        """The gateway's role through PgBouncer."""
+        return f"postgresql://{APP_USER}:{APP_PASSWORD}@127.0.0.1:{self.bouncer_port}/{DATABASE}"
+
+    @property
+    def admin_dsn(self) -> str:
+        """The superuser, straight to PostgreSQL (for fixtures and set-up only)."""
+        return f"postgresql://{SUPERUSER}:{SUPERUSER_PASSWORD}@127.0.0.1:{self.pg_port}/{DATABASE}"
+
+    # -- lifecycle ------------------------------------------------------------------
+    def _user_kwargs(self) -> dict[str, object]:
+        if not self.as_postgres:
+            return {}
+        return {"user": "postgres", "group": "postgres", "extra_groups": []}
+
+    def _run(self, *cmd: str, env: dict[str, str] | None = None) -> str:
+        proc = subprocess.run(list(cmd), capture_output=True, text=True, env=env, cwd="/",
+                              **self._user_kwargs())  # type: ignore[call-overload]
+        if proc.returncode != 0:
+            raise StackError(f"{Path(cmd[0]).name} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        return str(proc.stdout)
+
+    def _prepare_dirs(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(exist_ok=True)
+        if self.as_postgres:
+            pw = pwd.getpwnam("postgres")
+            for path in (self.root, self.run_dir):
+                os.chown(path, pw.pw_uid, pw.pw_gid)
+                path.chmod(0o755)
+
+    def start(self) -> None:
+        self._prepare_dirs()
+        if not (self.data / "PG_VERSION").exists():
+            self._initdb()
+        self._configure_pg()
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "postgresql.log"),
+                  "-w", "-t", "60", "start")
+        try:
+            self._migrate()
+            self._start_bouncer()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _initdb(self) -> None:
+        pwfile = self.root / "pwfile"
+        pwfile.write_text(SUPERUSER_PASSWORD + "\n")
+        if self.as_postgres:
+            pw = pwd.getpwnam("postgres")
+            os.chown(pwfile, pw.pw_uid, pw.pw_gid)
+        pwfile.chmod(0o600)
+        self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", SUPERUSER, f"--pwfile={pwfile}",
+                  "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8")
+        pwfile.unlink()
+
+    def _configure_pg(self) -> None:
+        # A throwaway cluster: durability settings are off for speed.
+        conf = f"""
+listen_addresses = '127.0.0.1'
+port = {self.pg_port}
+unix_socket_directories = '{self.run_dir}'
+max_connections = 200
+shared_buffers = 128MB
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+password_encryption = 'scram-sha-256'
+log_min_messages = warning
+"""
+        auto = self.data / "postgresql.auto.conf"
+        self._write_as_owner(auto, "# written by pg-tenant-proxy devstack\n" + conf)
+
+    def _write_as_owner(self, path: Path, text: str) -> None:
+        path.write_text(text)
+        if self.as_postgres:
+            pw = pwd.getpwnam("postgres")
+            os.chown(path, pw.pw_uid, pw.pw_gid)
+
+    def psql(self, sql: str | None = None, *, file: Path | None = None, database: str = DATABASE) -> str:
+        """Run SQL as the superuser over the local socket."""
+        cmd = [str(self.bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(self.run_dir),
+               "-p", str(self.pg_port), "-U", SUPERUSER, "-d", database, "-At"]
+        cmd += ["-f", str(file)] if file is not None else ["-c", sql or ""]
+        return self._run(*cmd)
+
+    def _migrate(self) -> None:
+        exists = self.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'", database="postgres")
+        if not exists.strip():
+            self.psql(f"CREATE DATABASE {DATABASE}", database="postgres")
+        for path in sorted(SQL_DIR.glob("*.sql")):
+            self.psql(file=path)
+        self.psql(f"ALTER ROLE {APP_USER} PASSWORD '{APP_PASSWORD}'")
+
+    def load_demo(self) -> None:
+        self.psql(file=DEMO_SQL)
+
+    def _start_bouncer(self) -> None:
+        ini = self.root / "pgbouncer.ini"
+        userlist = self.root / "userlist.txt"
+        self._write_as_owner(userlist, f'"{APP_USER}" "{APP_PASSWORD}"\n"{SUPERUSER}" "{SUPERUSER_PASSWORD}"\n')
+        values = {
+            "listen_addr": "127.0.0.1",
+            "listen_port": str(self.bouncer_port),
+            "unix_socket_dir": str(self.run_dir),
+            "auth_file": str(userlist),
+            "logfile": str(self.root / "pgbouncer.log"),
+            "pidfile": str(self.run_dir / "pgbouncer.pid"),
+            "default_pool_size": str(self.pool_size),
+            "stats_users": SUPERUSER,
+        }
+        databases = {DATABASE: f"host=127.0.0.1 port={self.pg_port} dbname={DATABASE}"}
+        self._write_as_owner(ini, render_pgbouncer_ini(PGBOUNCER_INI.read_text(), values, databases))
+        self.start_bouncer()
+
+    def start_bouncer(self) -> None:
+        """Start (or restart) PgBouncer with the rendered config and wait until it listens."""
+        log = open(self.root / "pgbouncer.stderr", "ab")  # noqa: SIM115 - owned by the child process
+        self._bouncer = subprocess.Popen([pgbouncer_binary(), str(self.root / "pgbouncer.ini")], stdout=log,
+                                         stderr=log, cwd="/", **self._user_kwargs())  # type: ignore[call-overload]
+        log.close()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self._bouncer.poll() is not None:
+                raise StackError(f"pgbouncer exited: {(self.root / 'pgbouncer.log').read_text()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", self.bouncer_port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise StackError("pgbouncer did not start listening within 15 s")
+
+    def stop_bouncer(self) -> None:
+        if self._bouncer is not None and self._bouncer.poll() is None:
+            self._bouncer.terminate()
+            try:
+                self._bouncer.wait(10)
+            except subprocess.TimeoutExpired:
+                self._bouncer.kill()
+                self._bouncer.wait()
+        self._bouncer = None
+
+    def stop(self) -> None:
+        self.stop_bouncer()
+        if (self.data / "postmaster.pid").exists():
+            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")

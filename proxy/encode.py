@@ -1,0 +1,199 @@
+"""JSON <-> PostgreSQL values.  Pure: works on type names, never on a connection.
+
+Out: uuid, text, integers, booleans as JSON natives; numeric as a string (no
+precision lost); timestamps ISO 8601; json/jsonb embedded as JSON (the database's own
+text is passed through untouched); bytea base64; arrays as arrays; NULL as null.
+
+In: each parameter is converted to what the driver expects for the type PostgreSQL
+inferred for it, so a JSON string works for a timestamptz or numeric parameter.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import ipaddress
+import uuid
+from collections.abc import Callable, Sequence
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import orjson
+
+from .errors import INVALID_REQUEST, ApiError
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, Decimal):
+        return str(obj)
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(obj)).decode()
+    if isinstance(obj, dt.timedelta):
+        return _iso_duration(obj)
+    if hasattr(obj, "isempty") and hasattr(obj, "lower_inc"):  # a range
+        if obj.isempty:
+            return {"empty": True}
+        return {"lower": obj.lower, "upper": obj.upper, "lower_inc": obj.lower_inc, "upper_inc": obj.upper_inc}
+    if hasattr(obj, "items"):  # a composite value (record)
+        return dict(obj.items())
+    if isinstance(obj, (set, frozenset)):
+        return list(obj)
+    return str(obj)
+
+
+def _iso_duration(td: dt.timedelta) -> str:
+    sign = "-" if td < dt.timedelta(0) else ""
+    td = abs(td)
+    seconds = td.seconds + td.microseconds / 1e6
+    return f"{sign}P{td.days}DT{seconds:g}S"
+
+
+def dumps(value: Any) -> bytes:
+    """Serialise a response body."""
+    return orjson.dumps(value, default=_default)
+
+
+def type_label(name: str, kind: str, element: str | None) -> str:
+    """Column/parameter type as shown to callers: ``int4``, ``text[]``, ``my_enum``."""
+    if kind == "array" and element:
+        return f"{element}[]"
+    return name
+
+
+def _fail(index: int, typename: str, expected: str) -> ApiError:
+    return ApiError(INVALID_REQUEST, f"parameter ${index} ({typename}): expected {expected}")
+
+
+def _int(v: Any) -> int:
+    if isinstance(v, bool):
+        raise ValueError
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str):
+        return int(v.strip())
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    raise ValueError
+
+
+def _float(v: Any) -> float:
+    if isinstance(v, bool):
+        raise ValueError
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str):
+        return float(v)
+    raise ValueError
+
+
+def _numeric(v: Any) -> Decimal:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise ValueError
+    try:
+        return Decimal(str(v).strip())
+    except InvalidOperation:
+        raise ValueError from None
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "false", "t", "f"):
+        return v.lower() in ("true", "t")
+    raise ValueError
+
+
+def _str(v: Any) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return str(v)
+    raise ValueError
+
+
+def _uuid(v: Any) -> uuid.UUID:
+    if not isinstance(v, str):
+        raise ValueError
+    return uuid.UUID(v)
+
+
+def _bytea(v: Any) -> bytes:
+    if not isinstance(v, str):
+        raise ValueError
+    try:
+        return base64.b64decode(v, validate=True)
+    except binascii.Error:
+        raise ValueError from None
+
+
+def _iso(parse: Callable[[str], Any]) -> Callable[[Any], Any]:
+    def conv(v: Any) -> Any:
+        if not isinstance(v, str):
+            raise ValueError
+        return parse(v)
+    return conv
+
+
+def _json(v: Any) -> Any:
+    return v
+
+
+def _inet(v: Any) -> Any:
+    if not isinstance(v, str):
+        raise ValueError
+    return ipaddress.ip_interface(v) if "/" in v else ipaddress.ip_address(v)
+
+
+_CONVERTERS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "int2": (_int, "an integer"), "int4": (_int, "an integer"), "int8": (_int, "an integer"),
+    "oid": (_int, "an integer"),
+    "float4": (_float, "a number"), "float8": (_float, "a number"),
+    "numeric": (_numeric, "a number or a numeric string"),
+    "bool": (_bool, "true or false"),
+    "text": (_str, "a string"), "varchar": (_str, "a string"), "bpchar": (_str, "a string"),
+    "name": (_str, "a string"), "char": (_str, "a string"), "citext": (_str, "a string"),
+    "interval": (_str, "a string such as '1 day 02:00'"),
+    "uuid": (_uuid, "a UUID string"),
+    "bytea": (_bytea, "a base64 string"),
+    "timestamptz": (_iso(dt.datetime.fromisoformat), "an ISO 8601 timestamp string"),
+    "timestamp": (_iso(dt.datetime.fromisoformat), "an ISO 8601 timestamp string"),
+    "date": (_iso(dt.date.fromisoformat), "an ISO 8601 date string"),
+    "time": (_iso(dt.time.fromisoformat), "an ISO 8601 time string"),
+    "timetz": (_iso(dt.time.fromisoformat), "an ISO 8601 time string"),
+    "json": (_json, "any JSON value"), "jsonb": (_json, "any JSON value"),
+    "inet": (_inet, "an IP address string"), "cidr": (_inet, "an IP network string"),
+}
+
+
+def convert_param(index: int, value: Any, typename: str, kind: str, element: str | None) -> Any:
+    """Turn one JSON parameter into the driver value for a parameter of the given type.
+
+    ``element`` names the element type of an array parameter.  Enums and other types
+    without a converter take a string and are parsed by PostgreSQL.
+    """
+    if value is None:
+        return None
+    if kind == "array":
+        if not isinstance(value, list):
+            raise _fail(index, type_label(typename, kind, element), "a JSON array")
+        elem = element or ""
+        return [convert_param(index, v, elem, "scalar", None) for v in value]
+    conv = _CONVERTERS.get(typename)
+    if conv is None:
+        if isinstance(value, (dict, list)):
+            raise _fail(index, typename, "a scalar value")
+        return value
+    fn, expected = conv
+    try:
+        return fn(value)
+    except (ValueError, TypeError, OverflowError):
+        raise _fail(index, typename, expected) from None
+
+
+def convert_params(values: Sequence[Any], types: Sequence[tuple[str, str, str | None]]) -> list[Any]:
+    """Convert all parameters; the counts must match what the statement expects."""
+    if len(values) != len(types):
+        raise ApiError(INVALID_REQUEST,
+                       f"the statement expects {len(types)} parameter(s), {len(values)} given")
+    return [convert_param(i + 1, v, *t) for i, (v, t) in enumerate(zip(values, types, strict=True))]

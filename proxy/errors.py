@@ -1,0 +1,142 @@
+"""The closed set of errors the gateway answers with, and the one place they become responses.
+
+Every error has a stable ``code``, an HTTP status and a flag saying whether the same
+request may succeed if retried.  PostgreSQL errors are mapped by SQLSTATE through
+:func:`from_sqlstate`; only the message is kept, never DETAIL or HINT, which can
+carry other rows' values (a unique violation's DETAIL names the conflicting key).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import orjson
+from aiohttp import web
+
+from .keys import REQUEST_ID
+
+log = logging.getLogger("tenant_proxy")
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorKind:
+    code: str
+    status: int
+    retryable: bool = False
+
+
+UNAUTHENTICATED = ErrorKind("unauthenticated", 401)
+TENANT_REQUIRED = ErrorKind("tenant_required", 400)
+TENANT_FORBIDDEN = ErrorKind("tenant_forbidden", 403)
+TENANT_SUSPENDED = ErrorKind("tenant_suspended", 403)
+INVALID_REQUEST = ErrorKind("invalid_request", 400)
+NOT_FOUND = ErrorKind("not_found", 404)
+METHOD_NOT_ALLOWED = ErrorKind("method_not_allowed", 405)
+UNSUPPORTED_MEDIA_TYPE = ErrorKind("unsupported_media_type", 415)
+PAYLOAD_TOO_LARGE = ErrorKind("payload_too_large", 413)
+STATEMENT_REJECTED = ErrorKind("statement_rejected", 400)
+RLS_VIOLATION = ErrorKind("rls_violation", 403)
+CONFLICT = ErrorKind("conflict", 409)
+SERIALIZATION_FAILURE = ErrorKind("serialization_failure", 409, retryable=True)
+DEADLOCK_DETECTED = ErrorKind("deadlock_detected", 409, retryable=True)
+STATEMENT_TIMEOUT = ErrorKind("statement_timeout", 504)
+POOL_TIMEOUT = ErrorKind("pool_timeout", 503, retryable=True)
+DATABASE_UNAVAILABLE = ErrorKind("database_unavailable", 503, retryable=True)
+SQL_ERROR = ErrorKind("sql_error", 400)
+SQL_ERROR_DATA = ErrorKind("sql_error", 422)
+INTERNAL = ErrorKind("internal", 500)
+
+ALL_KINDS = (UNAUTHENTICATED, TENANT_REQUIRED, TENANT_FORBIDDEN, TENANT_SUSPENDED, INVALID_REQUEST, NOT_FOUND,
+             METHOD_NOT_ALLOWED, UNSUPPORTED_MEDIA_TYPE, PAYLOAD_TOO_LARGE, STATEMENT_REJECTED, RLS_VIOLATION,
+             CONFLICT, SERIALIZATION_FAILURE, DEADLOCK_DETECTED, STATEMENT_TIMEOUT, POOL_TIMEOUT,
+             DATABASE_UNAVAILABLE, SQL_ERROR, SQL_ERROR_DATA, INTERNAL)
+
+
+class ApiError(Exception):
+    """An error that the middleware turns into the standard JSON error body."""
+
+    def __init__(self, kind: ErrorKind, message: str, *, sqlstate: str | None = None,
+                 retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.sqlstate = sqlstate
+        self.retry_after_s = retry_after_s
+
+
+# Exact SQLSTATEs first, then two-character classes.
+_BY_SQLSTATE: dict[str, ErrorKind] = {
+    "42501": RLS_VIOLATION,
+    "23505": CONFLICT,
+    "23503": CONFLICT,
+    "23P01": CONFLICT,
+    "40001": SERIALIZATION_FAILURE,
+    "40P01": DEADLOCK_DETECTED,
+    "57014": STATEMENT_TIMEOUT,
+    "57P01": DATABASE_UNAVAILABLE,
+    "57P02": DATABASE_UNAVAILABLE,
+    "57P03": DATABASE_UNAVAILABLE,
+    "53300": DATABASE_UNAVAILABLE,
+    "25006": SQL_ERROR_DATA,
+}
+_BY_CLASS: dict[str, ErrorKind] = {
+    "08": DATABASE_UNAVAILABLE,  # connection exceptions, also PgBouncer's own errors
+    "42": SQL_ERROR,             # syntax error or access rule violation
+    "0A": SQL_ERROR,             # feature not supported
+    "22": SQL_ERROR_DATA,        # data exception
+    "23": SQL_ERROR_DATA,        # other integrity violations (not null, check)
+    "21": SQL_ERROR_DATA,        # cardinality violation
+    "2F": SQL_ERROR_DATA,
+    "P0": SQL_ERROR_DATA,        # raised by a PL/pgSQL function
+    "53": DATABASE_UNAVAILABLE,  # insufficient resources
+    "58": INTERNAL,
+    "XX": INTERNAL,
+}
+
+
+def from_sqlstate(sqlstate: str | None, message: str) -> ApiError:
+    """Map a PostgreSQL error (SQLSTATE + primary message only) to an ApiError."""
+    state = sqlstate or ""
+    kind = _BY_SQLSTATE.get(state) or _BY_CLASS.get(state[:2], SQL_ERROR_DATA)
+    if kind is INTERNAL:
+        message = "the database reported an internal error"
+    elif kind is STATEMENT_TIMEOUT:
+        message = "statement cancelled: it ran past its time limit"
+    retry = 1 if kind.retryable else None
+    return ApiError(kind, message, sqlstate=state or None, retry_after_s=retry)
+
+
+def error_body(kind: ErrorKind, message: str, request_id: str, sqlstate: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"code": kind.code, "message": message, "sqlstate": sqlstate,
+                                   "retryable": kind.retryable, "request_id": request_id}})
+
+
+def error_response(err: ApiError, request_id: str) -> web.Response:
+    headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s is not None else None
+    return web.Response(body=error_body(err.kind, err.message, request_id, err.sqlstate), status=err.kind.status,
+                        content_type="application/json", headers=headers)
+
+
+_HTTP_KINDS = {404: NOT_FOUND, 405: METHOD_NOT_ALLOWED, 413: PAYLOAD_TOO_LARGE, 415: UNSUPPORTED_MEDIA_TYPE}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The only place an exception becomes an HTTP response; never a traceback to the caller."""
+    try:
+        return await handler(request)
+    except ApiError as err:
+        return error_response(err, request[REQUEST_ID])
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = _HTTP_KINDS.get(exc.status, ErrorKind("invalid_request", exc.status))
+        message = "request body too large" if exc.status == 413 else (exc.reason or "request failed")
+        return error_response(ApiError(kind, message), request[REQUEST_ID])
+    except Exception:
+        log.exception("unhandled error", extra={"request_id": request[REQUEST_ID]})
+        return error_response(ApiError(INTERNAL, "internal error"), request[REQUEST_ID])

@@ -1,0 +1,217 @@
+"""Verdicts on caller SQL, from PostgreSQL's own parser (pglast).  Pure; cached by text.
+
+An allow-list: one statement, whose top level is SELECT, INSERT, UPDATE, DELETE, MERGE
+or a plain EXPLAIN of one of those.  Anywhere in the tree, every other statement
+kind is refused (SET/RESET, transaction control, DO, COPY, LISTEN/NOTIFY, PREPARE,
+cursors, LOCK, DDL, CALL unless allow-listed), and so are SELECT INTO, calls to
+functions that change settings, run SQL text, take session-level locks or touch
+server files, any name in ``pg_temp``, and writes to catalog relations.  Names are
+compared after the parser has resolved quoting, unicode escapes and schema
+qualification, so ``"set_config"``, ``pg_catalog.set_config`` and
+``U&"set\\0063onfig"`` are all the same call.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pglast import ast, parse_sql
+from pglast.parser import ParseError, fingerprint
+
+from .config import GuardConfig
+from .errors import STATEMENT_REJECTED, ApiError
+
+_TOP_LEVEL = {
+    ast.SelectStmt: "SELECT",
+    ast.InsertStmt: "INSERT",
+    ast.UpdateStmt: "UPDATE",
+    ast.DeleteStmt: "DELETE",
+    ast.MergeStmt: "MERGE",
+}
+# Statement node types that may appear nested (CTEs, subqueries, EXPLAIN's target).
+_NESTED_OK = (ast.SelectStmt, ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
+
+# Functions refused by name, whatever their schema: they change settings, run SQL
+# given as text, take locks that outlive the transaction, signal other backends or
+# reach the server's files.
+DENIED_FUNCTIONS = frozenset({
+    "set_config",
+    "query_to_xml", "query_to_xml_and_xmlschema", "query_to_xmlschema",
+    "cursor_to_xml", "cursor_to_xmlschema",
+    "table_to_xml", "table_to_xml_and_xmlschema", "table_to_xmlschema",
+    "schema_to_xml", "schema_to_xml_and_xmlschema", "schema_to_xmlschema",
+    "database_to_xml", "database_to_xml_and_xmlschema", "database_to_xmlschema",
+    "ts_stat", "ts_rewrite",
+    "pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared",
+    "pg_advisory_unlock", "pg_advisory_unlock_shared", "pg_advisory_unlock_all",
+    "pg_read_file", "pg_read_binary_file", "pg_ls_dir", "pg_stat_file", "pg_file_write", "pg_file_rename",
+    "pg_file_unlink", "pg_logdir_ls",
+    "pg_terminate_backend", "pg_cancel_backend", "pg_reload_conf", "pg_rotate_logfile",
+    "pg_notify", "pg_logical_emit_message",
+    "pg_import_system_collations", "pg_stat_reset", "pg_stat_reset_shared",
+})
+DENIED_PREFIXES = ("dblink", "lo_", "pg_ls_", "pg_replication_", "pg_create_", "pg_drop_replication")
+_PG_TEMP = re.compile(r"^pg_temp(_\d+)?$")
+_CATALOG_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The outcome for one SQL text: the command it runs, or why it was refused."""
+
+    command: str
+    fingerprint: str
+    rejection: str | None = None
+
+
+class Guard:
+    """Checks caller SQL; built once per config, shared by all requests."""
+
+    def __init__(self, cfg: GuardConfig) -> None:
+        self._deny = (DENIED_FUNCTIONS | cfg.deny_functions) - cfg.allow_functions
+        self._allow = cfg.allow_functions
+        self._allow_call = cfg.allow_call
+        self._cache: OrderedDict[str, Verdict] = OrderedDict()
+        self._cache_size = cfg.cache_size
+
+    def check(self, sql: str) -> Verdict:
+        """Return the verdict for ``sql``, raising ``statement_rejected`` when it is refused."""
+        verdict = self._cache.get(sql)
+        if verdict is None:
+            verdict = self._judge(sql)
+            self._cache[sql] = verdict
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        if verdict.rejection is not None:
+            raise ApiError(STATEMENT_REJECTED, verdict.rejection)
+        return verdict
+
+    def _judge(self, sql: str) -> Verdict:
+        if "\x00" in sql:
+            return Verdict("", "", "the statement contains a NUL character")
+        try:
+            stmts = parse_sql(sql)
+            fp = fingerprint(sql)
+        except ParseError as exc:
+            return Verdict("", "", f"syntax error: {exc}")
+        if len(stmts) != 1:
+            return Verdict("", fp, f"exactly one statement is allowed, got {len(stmts)}")
+        top: Any = stmts[0].stmt
+        try:
+            command = self._top_level(top)
+            for node in _walk(top):
+                self._node(node, node is top)
+        except _Rejected as rej:
+            return Verdict("", fp, str(rej))
+        return Verdict(command, fp)
+
+    def _top_level(self, top: Any) -> str:
+        if isinstance(top, ast.ExplainStmt):
+            for opt in top.options or ():
+                if opt.defname == "analyze" and _truthy(opt.arg):
+                    raise _Rejected("EXPLAIN ANALYZE is not allowed (it runs the statement)")
+            if not isinstance(top.query, tuple(_TOP_LEVEL)):
+                raise _Rejected(f"EXPLAIN of {_kind(top.query)} is not allowed")
+            return "EXPLAIN"
+        if isinstance(top, ast.CallStmt):
+            name = _func_name(top.funccall.funcname)
+            if name not in self._allow_call:
+                raise _Rejected(f"CALL {name} is not allowed")
+            return "CALL"
+        command = _TOP_LEVEL.get(type(top))
+        if command is None:
+            raise _Rejected(f"{_kind(top)} is not allowed")
+        return command
+
+    def _node(self, node: Any, is_top: bool) -> None:
+        if isinstance(node, ast.SelectStmt) and node.intoClause is not None:
+            raise _Rejected("SELECT INTO is not allowed")
+        if isinstance(node, ast.FuncCall):
+            self._function(node.funcname)
+        elif isinstance(node, ast.RangeVar):
+            if node.schemaname and _PG_TEMP.match(node.schemaname):
+                raise _Rejected("references to pg_temp are not allowed")
+            if node.relpersistence == "t":
+                raise _Rejected("temporary objects are not allowed")
+        elif isinstance(node, (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)):
+            rel = node.relation
+            if rel.schemaname in _CATALOG_SCHEMAS or (rel.schemaname is None and rel.relname.startswith("pg_")):
+                raise _Rejected(f"writes to catalog relation {rel.relname} are not allowed")
+        elif isinstance(node, ast.TypeName):
+            self._names(node.names)
+        elif isinstance(node, ast.ColumnRef):
+            self._names(node.fields)
+        elif not is_top and type(node).__name__.endswith("Stmt") and not isinstance(node, _NESTED_OK):
+            raise _Rejected(f"{_kind(node)} is not allowed")
+
+    def _function(self, funcname: Any) -> None:
+        self._names(funcname)
+        name = _func_name(funcname)
+        if name in self._allow:
+            return
+        if name in self._deny or name.startswith(DENIED_PREFIXES):
+            raise _Rejected(f"function {name} is not allowed")
+
+    @staticmethod
+    def _names(names: Any) -> None:
+        for part in names or ():
+            if isinstance(part, ast.String) and _PG_TEMP.match(part.sval):
+                raise _Rejected("references to pg_temp are not allowed")
+
+
+class _Rejected(Exception):
+    pass
+
+
+def _walk(root: Any) -> Iterator[Any]:
+    stack: list[object] = [root]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, ast.Node):
+            yield item
+            for field in item.__slots__:
+                value = getattr(item, field, None)
+                if isinstance(value, (ast.Node, tuple)):
+                    stack.append(value)
+        elif isinstance(item, tuple):
+            stack.extend(item)
+
+
+def _func_name(funcname: Any) -> str:
+    return str(funcname[-1].sval)
+
+
+def _truthy(arg: Any) -> bool:
+    if arg is None:
+        return True
+    if isinstance(arg, ast.Boolean):
+        return bool(arg.boolval)
+    if isinstance(arg, ast.Integer):
+        return arg.ival != 0
+    if isinstance(arg, ast.String):
+        return arg.sval.lower() not in ("false", "off", "0", "no")
+    return True
+
+
+_KIND_NAMES = {
+    "VariableSetStmt": "SET/RESET", "VariableShowStmt": "SHOW", "TransactionStmt": "transaction control",
+    "DoStmt": "DO", "CopyStmt": "COPY", "ListenStmt": "LISTEN", "NotifyStmt": "NOTIFY",
+    "UnlistenStmt": "UNLISTEN", "PrepareStmt": "PREPARE", "ExecuteStmt": "EXECUTE",
+    "DeallocateStmt": "DEALLOCATE", "DeclareCursorStmt": "DECLARE CURSOR", "FetchStmt": "FETCH/MOVE",
+    "ClosePortalStmt": "CLOSE", "LockStmt": "LOCK", "CallStmt": "CALL", "DiscardStmt": "DISCARD",
+    "CreateTableAsStmt": "CREATE TABLE AS", "VacuumStmt": "VACUUM/ANALYZE", "CheckPointStmt": "CHECKPOINT",
+    "LoadStmt": "LOAD",
+}
+
+
+def _kind(node: object) -> str:
+    name = type(node).__name__
+    if name in _KIND_NAMES:
+        return _KIND_NAMES[name]
+    if name.endswith("Stmt"):
+        return f"{name[:-4]} (DDL or utility statement)"
+    return name

@@ -1,0 +1,155 @@
+"""Thin HTTP glue for the data API: ``POST /v1/query`` and ``POST /v1/transaction``.
+
+Request path: authenticate -> resolve tenant -> validate body -> guard -> run in the
+tenant's transaction -> encode.  Errors are raised as ApiError and rendered by the
+error middleware only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .config import Limits
+from .db import ISOLATION_LEVELS, Result, Statement
+from .encode import dumps
+from .errors import INVALID_REQUEST, ApiError
+from .keys import GATEWAY
+from .tenancy import Tenant, resolve
+
+MAX_STATEMENTS = 100
+ROW_FORMATS = ("object", "array")
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    read_only: bool
+    isolation: str | None
+    timeout_ms: int
+    max_rows: int
+    row_format: str
+
+
+async def _read_json(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw:
+        raise ApiError(INVALID_REQUEST, "the request body must be a JSON object")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(INVALID_REQUEST, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(INVALID_REQUEST, "the request body must be a JSON object")
+    return body
+
+
+def _check_fields(body: Mapping[str, Any], allowed: frozenset[str], where: str) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ApiError(INVALID_REQUEST, f"unknown field(s) in {where}: {', '.join(unknown)}")
+
+
+def _positive_int(body: Mapping[str, Any], key: str, limit: int) -> int:
+    """A caller may lower a limit, never raise it: larger values are capped at the tenant's limit."""
+    value = body.get(key)
+    if value is None:
+        return limit
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ApiError(INVALID_REQUEST, f"{key} must be a positive integer")
+    return min(value, limit)
+
+
+def _options(body: Mapping[str, Any], limits: Limits) -> Options:
+    read_only = body.get("read_only", False)
+    if not isinstance(read_only, bool):
+        raise ApiError(INVALID_REQUEST, "read_only must be true or false")
+    isolation = body.get("isolation")
+    if isolation is not None and (not isinstance(isolation, str) or isolation.lower() not in ISOLATION_LEVELS):
+        raise ApiError(INVALID_REQUEST, f"isolation must be one of: {', '.join(ISOLATION_LEVELS)}")
+    row_format = body.get("row_format", "object")
+    if row_format not in ROW_FORMATS:
+        raise ApiError(INVALID_REQUEST, "row_format must be \"object\" or \"array\"")
+    return Options(read_only=read_only, isolation=isolation.lower() if isolation else None,
+                   timeout_ms=_positive_int(body, "timeout_ms", limits.statement_timeout_ms),
+                   max_rows=_positive_int(body, "max_rows", limits.max_rows), row_format=row_format)
+
+
+def _statement_parts(item: Mapping[str, Any], where: str) -> tuple[str, list[Any]]:
+    sql = item.get("sql")
+    if not isinstance(sql, str) or not sql.strip():
+        raise ApiError(INVALID_REQUEST, f"{where}sql must be a non-empty string")
+    params = item.get("params", [])
+    if not isinstance(params, list):
+        raise ApiError(INVALID_REQUEST, f"{where}params must be an array")
+    return sql, params
+
+
+_QUERY_FIELDS = frozenset({"sql", "params", "read_only", "timeout_ms", "max_rows", "row_format", "isolation"})
+_TX_FIELDS = frozenset({"statements", "read_only", "timeout_ms", "max_rows", "row_format", "isolation"})
+_STATEMENT_FIELDS = frozenset({"sql", "params"})
+
+
+def parse_query(body: Mapping[str, Any], limits: Limits) -> tuple[list[tuple[str, list[Any]]], Options]:
+    """Validate a /v1/query body: unknown fields, wrong types and missing SQL are refused."""
+    _check_fields(body, _QUERY_FIELDS, "the request")
+    return [_statement_parts(body, "")], _options(body, limits)
+
+
+def parse_transaction(body: Mapping[str, Any], limits: Limits) -> tuple[list[tuple[str, list[Any]]], Options]:
+    """Validate a /v1/transaction body."""
+    _check_fields(body, _TX_FIELDS, "the request")
+    items = body.get("statements")
+    if not isinstance(items, list) or not items:
+        raise ApiError(INVALID_REQUEST, "statements must be a non-empty array")
+    if len(items) > MAX_STATEMENTS:
+        raise ApiError(INVALID_REQUEST, f"at most {MAX_STATEMENTS} statements per transaction")
+    parts = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ApiError(INVALID_REQUEST, f"statements[{i}] must be an object")
+        _check_fields(item, _STATEMENT_FIELDS, f"statements[{i}]")
+        parts.append(_statement_parts(item, f"statements[{i}]."))
+    return parts, _options(body, limits)
+
+
+def render(result: Result, row_format: str) -> dict[str, Any]:
+    rows: list[Any] = ([tuple(r) for r in result.rows] if row_format == "array"
+                       else [dict(r.items()) for r in result.rows])
+    return {
+        "columns": [{"name": n, "type": t} for n, t in result.columns],
+        "rows": rows,
+        "row_count": result.row_count,
+        "command": result.command,
+        "truncated": result.truncated,
+    }
+
+
+async def _execute(request: web.Request, batch: bool) -> list[dict[str, Any]]:
+    gw = request.app[GATEWAY]
+    rt = gw.runtime
+    principal = rt.authenticator.authenticate(request.headers.get("Authorization"))
+    tenant: Tenant = resolve(principal, request.headers.get(rt.settings.tenancy.header), rt.settings)
+    body = await _read_json(request)
+    parts, opts = (parse_transaction if batch else parse_query)(body, tenant.limits)
+    statements = [Statement(sql, params, rt.guard.check(sql).command) for sql, params in parts]
+    results = await gw.database.run_in_tenant_tx(
+        tenant.id, statements, read_only=opts.read_only, isolation=opts.isolation,
+        timeout_ms=opts.timeout_ms, max_rows=opts.max_rows)
+    return [render(r, opts.row_format) for r in results]
+
+
+def _json(payload: Any) -> web.Response:
+    return web.Response(body=dumps(payload), content_type="application/json")
+
+
+async def query(request: web.Request) -> web.Response:
+    (result,) = await _execute(request, batch=False)
+    return _json(result)
+
+
+async def transaction(request: web.Request) -> web.Response:
+    return _json({"results": await _execute(request, batch=True)})
