@@ -213,5 +213,5 @@ def _kind(node: object) -> str:
     if name in _KIND_NAMES:
         return _KIND_NAMES[name]
     if name.endswith("Stmt"):
-        return f"{name[:-4]} (DDL or utility statement)"
+        return f"DDL/utility statement {name}"
     return name

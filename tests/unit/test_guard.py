@@ -1,0 +1,131 @@
+"""The SQL guard: an allow-list over PostgreSQL's own parse tree."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.config import GuardConfig
+from proxy.errors import ApiError
+from proxy.guard import Guard
+
+ALLOWED = {
+    "SELECT 1": "SELECT",
+    "select * from events where tenant_id = $1": "SELECT",
+    "WITH x AS (SELECT 1) SELECT * FROM x": "SELECT",
+    "VALUES (1), (2)": "SELECT",
+    "TABLE events": "SELECT",
+    "INSERT INTO events (event_type, data) VALUES ($1, $2) RETURNING id": "INSERT",
+    "INSERT INTO t (a) VALUES (1) ON CONFLICT (a) DO UPDATE SET a = excluded.a": "INSERT",
+    "UPDATE events SET data = '{}' WHERE id = $1": "UPDATE",
+    "DELETE FROM events WHERE id = $1 RETURNING *": "DELETE",
+    "WITH d AS (DELETE FROM events RETURNING id) SELECT count(*) FROM d": "SELECT",
+    "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN UPDATE SET a = s.a": "MERGE",
+    "EXPLAIN SELECT * FROM events": "EXPLAIN",
+    "EXPLAIN (ANALYZE false, COSTS off) SELECT 1": "EXPLAIN",
+    "SELECT pg_advisory_xact_lock(1)": "SELECT",
+    "SELECT current_setting('app.tenant_id')": "SELECT",
+    "SELECT 'set_config(1)' AS literal_is_fine": "SELECT",
+    "SELECT * FROM events FOR UPDATE": "SELECT",
+    "SELECT pg_sleep(0.1)": "SELECT",
+}
+
+REJECTED = {
+    "SELECT 1; SELECT 2": "exactly one statement",
+    "": "exactly one statement",
+    "selec 1": "syntax error",
+    "SET app.tenant_id = 'x'": "SET/RESET is not allowed",
+    "SET LOCAL app.tenant_id = 'x'": "SET/RESET",
+    "RESET ALL": "SET/RESET",
+    "SET ROLE postgres": "SET/RESET",
+    "SET SESSION AUTHORIZATION postgres": "SET/RESET",
+    "COMMIT": "transaction control",
+    "BEGIN": "transaction control",
+    "SAVEPOINT a": "transaction control",
+    "DO $$ BEGIN END $$": "DO is not allowed",
+    "COPY events TO STDOUT": "COPY",
+    "LISTEN x": "LISTEN",
+    "NOTIFY x": "NOTIFY",
+    "PREPARE p AS SELECT 1": "PREPARE",
+    "EXECUTE p": "EXECUTE",
+    "DECLARE c CURSOR FOR SELECT 1": "DECLARE CURSOR",
+    "LOCK events": "LOCK",
+    "CREATE TABLE x (a int)": "CreateStmt",
+    "CREATE TEMP TABLE events (a int)": "CreateStmt",
+    "DROP TABLE events": "DropStmt",
+    "ALTER TABLE events DISABLE ROW LEVEL SECURITY": "AlterTableStmt",
+    "CREATE TABLE x AS SELECT 1": "CREATE TABLE AS",
+    "SELECT * INTO x FROM events": "SELECT INTO",
+    "EXPLAIN ANALYZE SELECT 1": "EXPLAIN ANALYZE",
+    "EXPLAIN (ANALYZE) DELETE FROM events": "EXPLAIN ANALYZE",
+    "EXPLAIN (ANALYZE true) SELECT 1": "EXPLAIN ANALYZE",
+    "CALL p()": "CALL p is not allowed",
+    "SELECT set_config('app.tenant_id', 'x', true)": "function set_config",
+    "SELECT pg_catalog.set_config('a', 'b', false)": "function set_config",
+    'SELECT "set_config"(\'a\', \'b\', false)': "function set_config",
+    "SELECT U&\"set\\005fconfig\"('a', 'b', false)": "function set_config",
+    "SELECT * FROM events WHERE (SELECT set_config('a','b',true)) IS NOT NULL": "function set_config",
+    "WITH x AS (SELECT set_config('a','b',true)) SELECT * FROM x": "function set_config",
+    "SELECT * FROM set_config('a','b',true)": "function set_config",
+    "SELECT query_to_xml('select 1', true, true, '')": "function query_to_xml",
+    "SELECT ts_stat('select 1')": "function ts_stat",
+    "SELECT dblink_exec('x', 'y')": "function dblink_exec",
+    "SELECT pg_advisory_lock(1)": "function pg_advisory_lock",
+    "SELECT pg_read_file('/etc/passwd')": "function pg_read_file",
+    "SELECT lo_import('/etc/passwd')": "function lo_import",
+    "SELECT pg_terminate_backend(1)": "function pg_terminate_backend",
+    "SELECT * FROM pg_temp.events": "pg_temp",
+    "SELECT pg_temp.f()": "pg_temp",
+    "SELECT 1::pg_temp.t": "pg_temp",
+    "UPDATE pg_settings SET setting = 'x' WHERE name = 'app.tenant_id'": "writes to catalog relation pg_settings",
+    "UPDATE pg_catalog.pg_settings SET setting = 'x'": "writes to catalog relation",
+    "WITH u AS (UPDATE pg_settings SET setting = 'x' RETURNING 1) SELECT * FROM u": "catalog relation",
+    "DELETE FROM information_schema.tables": "catalog relation",
+    "INSERT INTO events VALUES ((SELECT set_config('a','b',true)))": "function set_config",
+    "INSERT INTO t (a) VALUES (1) ON CONFLICT (a) DO UPDATE SET a = set_config('a','b',true)::int":
+        "function set_config",
+    "DELETE FROM events RETURNING set_config('a','b',true)": "function set_config",
+    "SELECT 1\x00": "NUL",
+}
+
+
+@pytest.fixture
+def guard() -> Guard:
+    return Guard(GuardConfig())
+
+
+@pytest.mark.parametrize(("sql", "command"), ALLOWED.items())
+def test_allowed(guard: Guard, sql: str, command: str) -> None:
+    assert guard.check(sql).command == command
+
+
+@pytest.mark.parametrize(("sql", "reason"), REJECTED.items())
+def test_rejected(guard: Guard, sql: str, reason: str) -> None:
+    with pytest.raises(ApiError) as info:
+        guard.check(sql)
+    assert info.value.kind.code == "statement_rejected"
+    assert reason in info.value.message
+
+
+def test_operator_lists() -> None:
+    g = Guard(GuardConfig(deny_functions=frozenset({"pg_sleep"}), allow_call=frozenset({"refresh"}),
+                          allow_functions=frozenset({"pg_advisory_lock"})))
+    with pytest.raises(ApiError, match="function pg_sleep is not allowed"):
+        g.check("SELECT pg_sleep(1)")
+    assert g.check("CALL refresh()").command == "CALL"
+    assert g.check("SELECT pg_advisory_lock(1)").command == "SELECT"
+
+
+def test_cache_is_bounded_and_keeps_verdicts() -> None:
+    g = Guard(GuardConfig(cache_size=3))
+    for i in range(10):
+        g.check(f"SELECT {i}")
+    assert len(g._cache) == 3
+    with pytest.raises(ApiError):
+        g.check("COMMIT")
+    with pytest.raises(ApiError):  # served from the cache, same verdict
+        g.check("COMMIT")
+
+
+def test_fingerprint_ignores_constants(guard: Guard) -> None:
+    assert guard.check("SELECT * FROM events WHERE id = 1").fingerprint == \
+        guard.check("SELECT * FROM events WHERE id = 2").fingerprint
