@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import secrets
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from .auth import hash_key
-from .config import ConfigError, Settings, load_config
+from .config import ConfigError, Settings, TenancyConfig, load_config
 
 
 def _load(path: str) -> Settings:
@@ -81,6 +82,33 @@ def cmd_new_key(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _audit(args: argparse.Namespace) -> int:
+    from .audit import exit_code, format_text, run_audit
+    from .db import connect_direct
+
+    tenancy = _load(args.config).tenancy if args.config else TenancyConfig()
+    conn = await connect_direct(args.dsn)
+    try:
+        role = args.role or await conn.fetchval("SELECT current_user")
+        findings = await run_audit(conn, role=role, schemas=args.schema or tenancy.schemas, column=tenancy.column,
+                                   guc=tenancy.guc, global_tables=tenancy.global_tables)
+    finally:
+        await conn.close()
+    if args.format == "json":
+        print(json.dumps({"role": role, "findings": [f.as_dict() for f in findings]}, indent=2))
+    else:
+        print(format_text(findings))
+    return exit_code(findings)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_audit(args))
+    except (OSError, TimeoutError) as exc:
+        print(f"audit: cannot connect: {exc}", file=sys.stderr)
+        return 1
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from .devstack import DEMO_BANNER, LocalStack
 
@@ -117,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("new-key", help="print a fresh random API key and its SHA-256")
     p.set_defaults(func=cmd_new_key)
 
+    p = sub.add_parser("audit", help="check the database's isolation walls; exit 0 clean, 1 errors, 2 warnings")
+    p.add_argument("--dsn", required=True, help="connect as the gateway's role (or use --role)")
+    p.add_argument("--role", help="audit this role instead of the connecting one")
+    p.add_argument("--schema", action="append", help="schema holding tenant tables (repeatable)")
+    p.add_argument("--config", help="take tenancy settings (column, schemas, global tables) from this config")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=cmd_audit)
+
     p = sub.add_parser("dev", help="start a throwaway PostgreSQL + PgBouncer with demo data, then serve")
     p.add_argument("--config", default="config/dev.yaml")
     p.add_argument("--dir", default=".dev")
@@ -138,6 +174,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        from .db import RoleCanBypassRls, database_errors
+
+        if isinstance(exc, RoleCanBypassRls):
+            print(f"refusing to start: {exc}", file=sys.stderr)
+            return 1
+        if isinstance(exc, database_errors()):
+            print(f"{args.command}: database error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

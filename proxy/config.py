@@ -75,6 +75,9 @@ class TenancyConfig:
     guc: str = "app.tenant_id"
     id_format: str = "uuid"
     header: str = "X-Tenant-Id"
+    column: str = "tenant_id"
+    schemas: tuple[str, ...] = ("public",)
+    global_tables: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,12 +378,13 @@ def _jwt(r: _Reader, raw: Any) -> JwtConfig | None:
     )
 
 
-def _names(r: _Reader, raw: Mapping[str, Any], key: str) -> frozenset[str]:
-    value = raw.get(key, [])
+def _names(r: _Reader, raw: Mapping[str, Any], key: str, section: str,
+           default: tuple[str, ...] = ()) -> list[str]:
+    value = raw.get(key, list(default))
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        r.fail(f"guard.{key}", "must be a list of function names")
-        return frozenset()
-    return frozenset(value)
+        r.fail(f"{section}.{key}", "must be a list of names")
+        return list(default)
+    return value
 
 
 def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
@@ -420,11 +424,14 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
     if database.pool_min_size > database.pool_max_size:
         r.fail("database.pool_min_size", f"must be <= pool_max_size ({database.pool_max_size})")
 
-    t = r.section(raw, "tenancy", {"guc", "id_format", "header"})
+    t = r.section(raw, "tenancy", {"guc", "id_format", "header", "column", "schemas", "global_tables"})
     tenancy = TenancyConfig(
         guc=r.str_(t, "guc", "tenancy", default="app.tenant_id") or "app.tenant_id",
         id_format=r.str_(t, "id_format", "tenancy", default="uuid") or "uuid",
         header=r.str_(t, "header", "tenancy", default="X-Tenant-Id") or "X-Tenant-Id",
+        column=r.str_(t, "column", "tenancy", default="tenant_id") or "tenant_id",
+        schemas=tuple(_names(r, t, "schemas", "tenancy", default=("public",))),
+        global_tables=tuple(_names(r, t, "global_tables", "tenancy")),
     )
     if not GUC_RE.match(tenancy.guc):
         r.fail("tenancy.guc", "must be a custom setting name like app.tenant_id (lower case, one dot)")
@@ -456,9 +463,9 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
 
     g = r.section(raw, "guard", {"deny_functions", "allow_functions", "allow_call", "cache_size"})
     guard = GuardConfig(
-        deny_functions=_names(r, g, "deny_functions"),
-        allow_functions=_names(r, g, "allow_functions"),
-        allow_call=_names(r, g, "allow_call"),
+        deny_functions=frozenset(_names(r, g, "deny_functions", "guard")),
+        allow_functions=frozenset(_names(r, g, "allow_functions", "guard")),
+        allow_call=frozenset(_names(r, g, "allow_call", "guard")),
         cache_size=r.int_(g, "cache_size", "guard", 10000, lo=1),
     )
 

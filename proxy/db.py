@@ -22,6 +22,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from .audit import Finding, audit_role
 from .config import DatabaseConfig
 from .encode import convert_params, type_label
 from .errors import (
@@ -60,13 +61,36 @@ class Result:
     truncated: bool
 
 
+class GatewayConnection(asyncpg.Connection):  # type: ignore[misc]
+    """asyncpg's type introspection (first use of an enum or other non-builtin type)
+    toggles JIT with ``set_config('jit', ..., false)``: a session-level change through
+    a pooled backend, and a call the hardened role may not make.  The role runs with
+    ``jit = off`` (deploy/sql), so the toggle is skipped."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._server_caps = self._server_caps._replace(jit=False)  # type: ignore[has-type]
+
+
 async def _no_reset(conn: asyncpg.Connection) -> None:
     """Skip asyncpg's RESET ALL/UNLISTEN round trip: in transaction mode it would run on
     whichever backend PgBouncer picks.  Session state cannot be created (the guard and
     the database's grants forbid it), and asyncpg still rolls back an open transaction."""
 
 
+class RoleCanBypassRls(Exception):
+    """The gateway's database role ignores RLS: refuse to run any caller SQL through it."""
+
+    def __init__(self, findings: Sequence[Finding]) -> None:
+        super().__init__("; ".join(f"{f.message} (fix: {f.fix})" for f in findings))
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
+    # Checked on every new connection, not only at start-up: the role may have been
+    # altered, or the database may have been unreachable when the gateway started.
+    fatal = await audit_role(conn, await conn.fetchval("SELECT current_user"))
+    if fatal:
+        raise RoleCanBypassRls(fatal)
     # json/jsonb pass through as the database's own text, embedded as-is in the response.
     for name in ("json", "jsonb"):
         await conn.set_type_codec(name, schema="pg_catalog", encoder=lambda v: orjson.dumps(v).decode(),
@@ -91,17 +115,23 @@ class Database:
         kwargs: dict[str, Any] = dict(
             dsn=self.cfg.dsn, max_size=self.cfg.pool_max_size, statement_cache_size=0,
             timeout=self.cfg.connect_timeout_ms / 1000, init=_init_connection, reset=_no_reset,
+            connection_class=GatewayConnection,
             max_inactive_connection_lifetime=300.0,
         )
         try:
             self.pool = await asyncpg.create_pool(min_size=self.cfg.pool_min_size, **kwargs)
+            async with self.pool.acquire():  # with min_size 0, still check the role once now
+                pass
         except (TimeoutError, *_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
             # Start anyway and report not-ready; connections are made on demand once the database is back.
             log.warning("database not reachable at start-up (%s); starting with an empty pool",
                         type(exc).__name__)
+            if self.pool is not None:
+                await self.pool.close()
             self.pool = await asyncpg.create_pool(min_size=0, **kwargs)
 
     async def close(self) -> None:
+        """Close every connection of the pool."""
         if self.pool is not None:
             await self.pool.close()
 
@@ -123,8 +153,13 @@ class Database:
             prefix += " ISOLATION LEVEL " + ISOLATION_LEVELS[isolation]
         if read_only:
             prefix += " READ ONLY"
-        prefix += (f"; SET LOCAL {self.guc} = {_quote_literal(tenant_id)}"
-                   f"; SET LOCAL statement_timeout = {int(timeout_ms)}")
+        quoted = _quote_literal(tenant_id)
+        prefix += f"; SET LOCAL {self.guc} = {quoted}; SET LOCAL statement_timeout = {int(timeout_ms)}"
+        # The pool wall: COMMIT only if the tenant setting is still the one we set.  A
+        # mismatch divides by zero, which aborts the transaction before COMMIT runs, in
+        # the same round trip as the COMMIT itself.
+        commit = (f"SELECT 1 / (pg_catalog.current_setting('{self.guc}', true) IS NOT DISTINCT FROM {quoted})::int"
+                  "; COMMIT")
         client_timeout = timeout_ms / 1000 + _CLIENT_TIMEOUT_MARGIN_S
 
         try:
@@ -134,11 +169,11 @@ class Database:
         except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
             raise _unavailable(exc) from None
         try:
-            return await self._run(conn, prefix, statements, client_timeout, max_rows)
+            return await self._run(conn, prefix, commit, statements, client_timeout, max_rows)
         finally:
             await self.pool.release(conn)
 
-    async def _run(self, conn: asyncpg.Connection, prefix: str, statements: Sequence[Statement],
+    async def _run(self, conn: asyncpg.Connection, prefix: str, commit: str, statements: Sequence[Statement],
                    client_timeout: float, max_rows: int) -> list[Result]:
         try:
             await conn.execute(prefix, timeout=client_timeout)
@@ -146,9 +181,16 @@ class Database:
             if not conn.is_in_transaction():
                 # The caller ended the gateway's transaction: the rest would run outside the tenant.
                 conn.terminate()
-                raise ApiError(STATEMENT_REJECTED, "the statement ended the gateway's transaction")
-            await conn.execute("COMMIT", timeout=client_timeout)
+                raise _Closed(ApiError(STATEMENT_REJECTED, "the statement ended the gateway's transaction"))
+            try:
+                await conn.execute(commit, timeout=client_timeout)
+            except asyncpg.DivisionByZeroError:
+                await _rollback(conn)
+                conn.terminate()
+                raise _Closed(ApiError(STATEMENT_REJECTED, "the statement changed the tenant setting")) from None
             return results
+        except _Closed as closed:
+            raise closed.error from None
         except asyncpg.PostgresError as exc:
             await _rollback(conn)
             raise from_sqlstate(exc.sqlstate, getattr(exc, "message", None) or "database error") from None
@@ -167,6 +209,14 @@ class Database:
         except BaseException:
             conn.terminate()
             raise
+
+
+class _Closed(Exception):
+    """The connection was terminated on purpose; report ``error`` without touching it again."""
+
+    def __init__(self, error: ApiError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 async def _one(conn: asyncpg.Connection, st: Statement, timeout: float, max_rows: int) -> Result:
@@ -210,3 +260,13 @@ def _unavailable(exc: BaseException) -> ApiError:
     log.warning("database unavailable: %s", type(exc).__name__)
     sqlstate = exc.sqlstate if isinstance(exc, asyncpg.PostgresError) else None
     return ApiError(DATABASE_UNAVAILABLE, "the database is unavailable", sqlstate=sqlstate, retry_after_s=1)
+
+
+async def connect_direct(dsn: str, timeout_s: float = 10.0) -> asyncpg.Connection:
+    """One plain connection (for the CLI's catalog reads); safe through PgBouncer."""
+    return await asyncpg.connect(dsn, statement_cache_size=0, timeout=timeout_s)
+
+
+def database_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the database refused or could not be reached" (for the CLI)."""
+    return (*_CONNECTION_ERRORS, asyncpg.PostgresError)

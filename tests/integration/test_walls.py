@@ -1,0 +1,81 @@
+"""The database and pool walls hold even when the guard is told to let a call through."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import yaml
+
+from proxy.app import start_gateway
+from proxy.db import RoleCanBypassRls
+
+from ..fix_gateway import KEY_A, KEY_B, TENANT_A, TENANT_B, base_config, make_settings, merge
+from ..fix_stack import Stack
+
+
+async def test_hardened_role_cannot_call_set_config_even_past_the_guard(gateway_with: Any) -> None:
+    async with gateway_with(guard={"allow_functions": ["set_config"]}) as api:
+        r = await api.query("SELECT set_config('app.tenant_id', $1, true), count(*) FROM events", TENANT_B)
+        assert r.status == 403 and r.code == "rls_violation"
+        assert "set_config" in r.body["error"]["message"]
+
+
+async def test_pool_wall_closes_a_connection_whose_tenant_changed(gateway_with: Any,
+                                                                 admin_db: asyncpg.Connection) -> None:
+    # Take down the other two walls on purpose: the guard allows set_config, the role may run it.
+    await admin_db.execute("GRANT EXECUTE ON FUNCTION set_config(text, text, boolean) TO app")
+    try:
+        async with gateway_with(guard={"allow_functions": ["set_config"]},
+                                database={"pool_min_size": 1, "pool_max_size": 1}) as api:
+            before = await api.query("SELECT pg_backend_pid() AS pid")
+            r = await api.query("SELECT set_config('app.tenant_id', $1, true) AS t", TENANT_B)
+            assert r.status == 400 and r.code == "statement_rejected"
+            assert "changed the tenant setting" in r.body["error"]["message"]
+            # the write in the same transaction never committed
+            r = await api.transaction([
+                {"sql": "INSERT INTO events (event_type, data) VALUES ('wall', '{}')"},
+                {"sql": "SELECT set_config('app.tenant_id', $1, true)", "params": [TENANT_B]},
+            ])
+            assert r.code == "statement_rejected"
+            assert await admin_db.fetchval("SELECT count(*) FROM events WHERE event_type = 'wall'") == 0
+            # the connection was closed, not reused; the next request works, for the right tenant
+            after = await api.query("SELECT current_setting('app.tenant_id') AS t")
+            assert after.status == 200 and after.body["rows"] == [{"t": TENANT_A}]
+            assert before.status == 200
+            pool = api.running.gateway.database.pool
+            assert pool is not None and pool.get_size() == 1
+    finally:
+        await admin_db.execute("REVOKE EXECUTE ON FUNCTION set_config(text, text, boolean) FROM app")
+
+
+async def test_session_set_is_blocked_by_grants_too(gateway_with: Any) -> None:
+    """`SET` is refused by the guard; without the guard, the database still refuses temp objects."""
+    async with gateway_with() as api:
+        r = await api.query("CREATE TEMP TABLE events (x int)", key=KEY_B)
+        assert r.status == 400 and r.code == "statement_rejected"
+
+
+@pytest.fixture
+async def bypass_role(stack: Stack, admin_db: asyncpg.Connection) -> Any:
+    await admin_db.execute("DROP ROLE IF EXISTS app_bypass")
+    await admin_db.execute("CREATE ROLE app_bypass LOGIN BYPASSRLS PASSWORD 'bypass'")
+    yield stack.admin_dsn.replace("postgres:postgres-dev-only@", "app_bypass:bypass@")
+    await admin_db.execute("DROP ROLE IF EXISTS app_bypass")
+
+
+async def test_serve_refuses_a_role_that_bypasses_rls(stack: Stack, bypass_role: str, tmp_path: Path) -> None:
+    with pytest.raises(RoleCanBypassRls, match="BYPASSRLS"):
+        await start_gateway(make_settings(stack, database={"dsn": bypass_role}))
+    config = tmp_path / "bypass.yaml"
+    config.write_text(yaml.safe_dump(merge(base_config(stack), {"database": {"dsn": bypass_role}})))
+    proc = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(config)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "refusing to start" in proc.stderr and "NOBYPASSRLS" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert KEY_A not in proc.stderr
