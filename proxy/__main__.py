@@ -26,6 +26,13 @@ def _load(path: str) -> Settings:
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    # The access log is one JSON object per line on stdout, for log shippers.
+    access = logging.getLogger("tenant_proxy.access")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.propagate = False
+    access.setLevel(logging.INFO)
 
 
 async def _serve(settings: Settings, banner: str | None = None) -> None:

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
+import random
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import orjson
 from aiohttp import web
 
-from . import admin, handlers
+from . import __version__, admin, handlers
 from .auth import Authenticator
-from .config import Settings
+from .config import LoggingConfig, Settings
 from .db import Database
 from .errors import error_middleware
 from .guard import Guard
-from .keys import GATEWAY, REQUEST_ID
+from .keys import GATEWAY, REQUEST_ID, TRACE
+from .metrics import Metrics
+from .trace import RequestTrace
 
 log = logging.getLogger("tenant_proxy")
+access_logger = logging.getLogger("tenant_proxy.access")
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -42,6 +50,7 @@ class Runtime:
 class Gateway:
     runtime: Runtime
     database: Database
+    metrics: Metrics
     draining: bool = False
     runners: list[web.AppRunner] = field(default_factory=list)
 
@@ -64,8 +73,48 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
     return response
 
 
-def _application(gateway: Gateway, client_max_size: int) -> web.Application:
-    app = web.Application(middlewares=[request_id_middleware, error_middleware], client_max_size=client_max_size)
+_UNMETERED = frozenset({"/healthz", "/readyz"})
+
+
+@web.middleware
+async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Once per request on the way out: metrics, Server-Timing and the access log line."""
+    resource = request.match_info.route.resource
+    endpoint = resource.canonical if resource is not None else "unmatched"
+    if endpoint in _UNMETERED:
+        return await handler(request)
+    trace = RequestTrace(endpoint=endpoint)
+    request[TRACE] = trace
+    started = time.perf_counter()
+    status = 499  # the client went away before an answer
+    try:
+        response = await handler(request)
+        status = response.status
+        response.headers["Server-Timing"] = trace.server_timing()
+        return response
+    finally:
+        duration = time.perf_counter() - started
+        gw = request.app[GATEWAY]
+        gw.metrics.observe(trace, status, duration, request[REQUEST_ID])
+        access_log(gw.runtime.settings.logging, trace, status, duration, request[REQUEST_ID])
+
+
+def access_log(cfg: LoggingConfig, trace: RequestTrace, status: int, duration: float, request_id: str) -> None:
+    """One JSON line per request; never SQL text, parameters or credentials."""
+    if not cfg.access_log or (status < 400 and cfg.access_sample < 1.0 and random.random() >= cfg.access_sample):
+        return
+    access_logger.info(orjson.dumps({
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+        "request_id": request_id, "caller": trace.caller, "tenant": trace.tenant, "endpoint": trace.endpoint,
+        "fingerprint": trace.fingerprint, "status": status, "error": trace.error_code, "rows": trace.rows,
+        "duration_ms": round(duration * 1000, 3),
+        "wait_ms": None if trace.wait_s is None else round(trace.wait_s * 1000, 3),
+        "db_ms": None if trace.db_s is None else round(trace.db_s * 1000, 3),
+    }).decode())
+
+
+def _application(gateway: Gateway, client_max_size: int, middlewares: list[Any]) -> web.Application:
+    app = web.Application(middlewares=middlewares, client_max_size=client_max_size)
     app[GATEWAY] = gateway
     admin.add_health_routes(app)
     return app
@@ -74,10 +123,12 @@ def _application(gateway: Gateway, client_max_size: int) -> web.Application:
 def create_apps(gateway: Gateway) -> tuple[web.Application, web.Application]:
     """The data application (public API) and the admin application."""
     settings = gateway.runtime.settings
-    data = _application(gateway, settings.server.max_request_bytes)
+    data = _application(gateway, settings.server.max_request_bytes,
+                        [request_id_middleware, observe_middleware, error_middleware])
     data.router.add_post("/v1/query", handlers.query)
     data.router.add_post("/v1/transaction", handlers.transaction)
-    admin_app = _application(gateway, 1024 * 1024)
+    admin_app = _application(gateway, 1024 * 1024, [request_id_middleware, error_middleware])
+    admin.add_admin_routes(admin_app)
     return data, admin_app
 
 
@@ -100,7 +151,8 @@ async def start_gateway(settings: Settings) -> RunningGateway:
     """Open the pools and bind both ports (port 0 picks a free one)."""
     database = Database(settings.database, settings.tenancy.guc)
     await database.start()
-    gateway = Gateway(runtime=Runtime.build(settings), database=database)
+    metrics = Metrics(settings.metrics, __version__, settings.pinned_tenants, lambda: [database.stats()])
+    gateway = Gateway(runtime=Runtime.build(settings), database=database, metrics=metrics)
     data_app, admin_app = create_apps(gateway)
     ports = []
     for app, host, port in ((data_app, settings.server.host, settings.server.port),

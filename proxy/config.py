@@ -68,6 +68,8 @@ class DatabaseConfig:
     pool_max_size: int = 20
     acquire_timeout_ms: int = 2000
     connect_timeout_ms: int = 2000
+    # PgBouncer's admin console (database "pgbouncer"), read at scrape time when set.
+    pgbouncer_admin_dsn: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +89,7 @@ class Limits:
     statement_timeout_ms: int = 5000
     max_rows: int = 10000
     suspended: bool = False
+    pin_metrics: bool = False  # always give this tenant its own metrics label
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +128,17 @@ class GuardConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    tenant_label_limit: int = 50
+    hotspot_window_s: int = 60
+    hotspot_share: float = 0.25
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: str = "INFO"
+    access_log: bool = True
+    access_sample: float = 1.0  # share of successful requests logged; errors are always logged
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +150,12 @@ class Settings:
     tenants: Mapping[str, Limits] = field(default_factory=dict)
     auth: AuthConfig = field(default_factory=AuthConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def pinned_tenants(self) -> frozenset[str]:
+        return frozenset(t for t, limits in self.tenants.items() if limits.pin_metrics)
 
     def limits_for(self, tenant_id: str) -> Limits:
         return self.tenants.get(tenant_id, self.defaults)
@@ -147,7 +164,8 @@ class Settings:
         """The effective settings as plain data with every secret replaced."""
         return {
             "server": _asdict(self.server),
-            "database": {**_asdict(self.database), "dsn": redact_dsn(self.database.dsn)},
+            "database": {**_asdict(self.database), "dsn": redact_dsn(self.database.dsn),
+                         "pgbouncer_admin_dsn": redact_dsn(self.database.pgbouncer_admin_dsn or "") or None},
             "tenancy": _asdict(self.tenancy),
             "defaults": _asdict(self.defaults),
             "tenants": {k: _asdict(v) for k, v in self.tenants.items()},
@@ -160,6 +178,7 @@ class Settings:
                 "jwt": None if self.auth.jwt is None else {**_asdict(self.auth.jwt), "key": "<redacted>"},
             },
             "guard": {k: sorted(v) if isinstance(v, frozenset) else v for k, v in _asdict(self.guard).items()},
+            "metrics": _asdict(self.metrics),
             "logging": _asdict(self.logging),
         }
 
@@ -241,6 +260,13 @@ class _Reader:
             return default
         return value
 
+    def fraction(self, raw: Mapping[str, Any], key: str, path: str, default: float) -> float:
+        value = self.expand(raw.get(key, default), f"{path}.{key}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            self.fail(f"{path}.{key}", "must be a number between 0 and 1")
+            return default
+        return float(value)
+
     def bool_(self, raw: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
         value = self.expand(raw.get(key, default), f"{path}.{key}")
         if isinstance(value, str) and value.lower() in ("true", "false"):
@@ -251,7 +277,7 @@ class _Reader:
         return value
 
 
-_LIMIT_KEYS = {"statement_timeout_ms", "max_rows", "suspended"}
+_LIMIT_KEYS = {"statement_timeout_ms", "max_rows", "suspended", "pin_metrics"}
 
 
 def _limits(r: _Reader, raw: Any, path: str, base: Limits) -> Limits:
@@ -265,6 +291,7 @@ def _limits(r: _Reader, raw: Any, path: str, base: Limits) -> Limits:
         statement_timeout_ms=r.int_(raw, "statement_timeout_ms", path, base.statement_timeout_ms, lo=1),
         max_rows=r.int_(raw, "max_rows", path, base.max_rows, lo=1),
         suspended=r.bool_(raw, "suspended", path, base.suspended),
+        pin_metrics=r.bool_(raw, "pin_metrics", path, base.pin_metrics),
     )
 
 
@@ -392,7 +419,8 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
     r = _Reader(env)
     if not isinstance(raw, dict):
         raise ConfigError(["(top level): must be a mapping"])
-    r.unknown(raw, {"server", "database", "tenancy", "defaults", "tenants", "auth", "guard", "logging"}, "")
+    r.unknown(raw, {"server", "database", "tenancy", "defaults", "tenants", "auth", "guard", "metrics", "logging"},
+              "")
 
     s = r.section(raw, "server", {"host", "port", "admin_host", "admin_port", "max_request_bytes",
                                   "shutdown_timeout_s"})
@@ -410,7 +438,7 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
     if "database" not in raw:
         r.fail("database", "is required")
     d = r.section(raw, "database", {"dsn", "pool_min_size", "pool_max_size", "acquire_timeout_ms",
-                                    "connect_timeout_ms"})
+                                    "connect_timeout_ms", "pgbouncer_admin_dsn"})
     dsn = r.str_(d, "dsn", "database", required="database" in raw) or ""
     if dsn and not dsn.startswith(("postgresql://", "postgres://")):
         r.fail("database.dsn", "must be a postgresql:// URL")
@@ -420,6 +448,7 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
         pool_max_size=r.int_(d, "pool_max_size", "database", 20, lo=1),
         acquire_timeout_ms=r.int_(d, "acquire_timeout_ms", "database", 2000, lo=1),
         connect_timeout_ms=r.int_(d, "connect_timeout_ms", "database", 2000, lo=1),
+        pgbouncer_admin_dsn=r.str_(d, "pgbouncer_admin_dsn", "database"),
     )
     if database.pool_min_size > database.pool_max_size:
         r.fail("database.pool_min_size", f"must be <= pool_max_size ({database.pool_max_size})")
@@ -469,15 +498,24 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
         cache_size=r.int_(g, "cache_size", "guard", 10000, lo=1),
     )
 
-    lg = r.section(raw, "logging", {"level"})
+    m = r.section(raw, "metrics", {"tenant_label_limit", "hotspot_window_s", "hotspot_share"})
+    metrics = MetricsConfig(
+        tenant_label_limit=r.int_(m, "tenant_label_limit", "metrics", 50, lo=1, hi=10000),
+        hotspot_window_s=r.int_(m, "hotspot_window_s", "metrics", 60, lo=1, hi=3600),
+        hotspot_share=r.fraction(m, "hotspot_share", "metrics", 0.25),
+    )
+
+    lg = r.section(raw, "logging", {"level", "access_log", "access_sample"})
     level = (r.str_(lg, "level", "logging", default="INFO") or "INFO").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         r.fail("logging.level", "must be DEBUG, INFO, WARNING or ERROR")
+    logging = LoggingConfig(level=level, access_log=r.bool_(lg, "access_log", "logging", True),
+                            access_sample=r.fraction(lg, "access_sample", "logging", 1.0))
 
     if r.problems:
         raise ConfigError(r.problems)
     return Settings(database=database, server=server, tenancy=tenancy, defaults=defaults, tenants=tenants,
-                    auth=auth, guard=guard, logging=LoggingConfig(level=level))
+                    auth=auth, guard=guard, metrics=metrics, logging=logging)
 
 
 def load_config(path: str | Path, env: Mapping[str, str]) -> Settings:

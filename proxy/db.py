@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ from .errors import (
     ApiError,
     from_sqlstate,
 )
+from .trace import RequestTrace
 
 log = logging.getLogger("tenant_proxy.db")
 
@@ -50,6 +52,16 @@ class Statement:
     sql: str
     params: Sequence[Any]
     command: str
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    name: str
+    size: int
+    idle: int
+    max: int
+    waiting: int
+    timeouts: int
 
 
 @dataclass(slots=True)
@@ -106,10 +118,20 @@ def _quote_literal(value: str) -> str:
 class Database:
     """One pool of connections to PgBouncer."""
 
-    def __init__(self, cfg: DatabaseConfig, guc: str) -> None:
+    def __init__(self, cfg: DatabaseConfig, guc: str, name: str = "primary") -> None:
         self.cfg = cfg
         self.guc = guc
+        self.name = name
         self.pool: asyncpg.Pool | None = None
+        self.waiting = 0
+        self.timeouts = 0
+
+    def stats(self) -> PoolStats:
+        pool = self.pool
+        size = pool.get_size() if pool is not None else 0
+        idle = pool.get_idle_size() if pool is not None else 0
+        return PoolStats(name=self.name, size=size, idle=idle, max=self.cfg.pool_max_size, waiting=self.waiting,
+                         timeouts=self.timeouts)
 
     async def start(self) -> None:
         kwargs: dict[str, Any] = dict(
@@ -145,7 +167,8 @@ class Database:
             return False
 
     async def run_in_tenant_tx(self, tenant_id: str, statements: Sequence[Statement], *, read_only: bool,
-                               isolation: str | None, timeout_ms: int, max_rows: int) -> list[Result]:
+                               isolation: str | None, timeout_ms: int, max_rows: int,
+                               trace: RequestTrace) -> list[Result]:
         """Run ``statements`` in one transaction confined to ``tenant_id``; all or nothing."""
         assert self.pool is not None
         prefix = "BEGIN"
@@ -162,15 +185,23 @@ class Database:
                   "; COMMIT")
         client_timeout = timeout_ms / 1000 + _CLIENT_TIMEOUT_MARGIN_S
 
+        started = time.perf_counter()
+        self.waiting += 1
         try:
             conn = await self.pool.acquire(timeout=self.cfg.acquire_timeout_ms / 1000)
         except TimeoutError:
+            self.timeouts += 1
             raise ApiError(POOL_TIMEOUT, "no database connection became free in time", retry_after_s=1) from None
         except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
             raise _unavailable(exc) from None
+        finally:
+            self.waiting -= 1
+            trace.wait_s = time.perf_counter() - started
+        started = time.perf_counter()
         try:
             return await self._run(conn, prefix, commit, statements, client_timeout, max_rows)
         finally:
+            trace.db_s = time.perf_counter() - started
             await self.pool.release(conn)
 
     async def _run(self, conn: asyncpg.Connection, prefix: str, commit: str, statements: Sequence[Statement],

@@ -107,6 +107,11 @@ class LocalStack:
         return f"postgresql://{APP_USER}:{APP_PASSWORD}@127.0.0.1:{self.bouncer_port}/{DATABASE}"
 
     @property
+    def pgbouncer_admin_dsn(self) -> str:
+        """PgBouncer's admin console as a stats user (SHOW POOLS/STATS/LISTS)."""
+        return f"postgresql://{SUPERUSER}:{SUPERUSER_PASSWORD}@127.0.0.1:{self.bouncer_port}/pgbouncer"
+
+    @property
     def admin_dsn(self) -> str:
         """The superuser, straight to PostgreSQL (for fixtures and set-up only)."""
         return f"postgresql://{SUPERUSER}:{SUPERUSER_PASSWORD}@127.0.0.1:{self.pg_port}/{DATABASE}"

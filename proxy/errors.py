@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import orjson
 from aiohttp import web
 
-from .keys import REQUEST_ID
+from .keys import REQUEST_ID, TRACE
 
 log = logging.getLogger("tenant_proxy")
 
@@ -130,13 +130,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as err:
-        return error_response(err, request[REQUEST_ID])
+        error = err
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         kind = _HTTP_KINDS.get(exc.status, ErrorKind("invalid_request", exc.status))
         message = "request body too large" if exc.status == 413 else (exc.reason or "request failed")
-        return error_response(ApiError(kind, message), request[REQUEST_ID])
+        error = ApiError(kind, message)
     except Exception:
-        log.exception("unhandled error", extra={"request_id": request[REQUEST_ID]})
-        return error_response(ApiError(INTERNAL, "internal error"), request[REQUEST_ID])
+        log.exception("unhandled error (request %s)", request[REQUEST_ID])
+        error = ApiError(INTERNAL, "internal error")
+    trace = request.get(TRACE)
+    if trace is not None:
+        trace.error_code = error.kind.code
+    return error_response(error, request[REQUEST_ID])

@@ -78,14 +78,19 @@ class Guard:
         self._cache: OrderedDict[str, Verdict] = OrderedDict()
         self._cache_size = cfg.cache_size
 
-    def check(self, sql: str) -> Verdict:
-        """Return the verdict for ``sql``, raising ``statement_rejected`` when it is refused."""
+    def verdict(self, sql: str) -> Verdict:
+        """The (cached) verdict for ``sql``, refused or not."""
         verdict = self._cache.get(sql)
         if verdict is None:
             verdict = self._judge(sql)
             self._cache[sql] = verdict
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
+        return verdict
+
+    def check(self, sql: str) -> Verdict:
+        """Return the verdict for ``sql``, raising ``statement_rejected`` when it is refused."""
+        verdict = self.verdict(sql)
         if verdict.rejection is not None:
             raise ApiError(STATEMENT_REJECTED, verdict.rejection)
         return verdict

@@ -7,6 +7,7 @@ error middleware only.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,8 +18,8 @@ from aiohttp import web
 from .config import Limits
 from .db import ISOLATION_LEVELS, Result, Statement
 from .encode import dumps
-from .errors import INVALID_REQUEST, ApiError
-from .keys import GATEWAY
+from .errors import INVALID_REQUEST, STATEMENT_REJECTED, ApiError
+from .keys import GATEWAY, TRACE
 from .tenancy import Tenant, resolve
 
 MAX_STATEMENTS = 100
@@ -128,28 +129,46 @@ def render(result: Result, row_format: str) -> dict[str, Any]:
     }
 
 
-async def _execute(request: web.Request, batch: bool) -> list[dict[str, Any]]:
+async def _execute(request: web.Request, batch: bool) -> web.Response:
     gw = request.app[GATEWAY]
     rt = gw.runtime
+    trace = request[TRACE]
+    t0 = time.perf_counter()
     principal = rt.authenticator.authenticate(request.headers.get("Authorization"))
+    trace.caller = principal.name
     tenant: Tenant = resolve(principal, request.headers.get(rt.settings.tenancy.header), rt.settings)
+    trace.tenant = tenant.id
+    t1 = time.perf_counter()
+    trace.auth_s = t1 - t0
     body = await _read_json(request)
     parts, opts = (parse_transaction if batch else parse_query)(body, tenant.limits)
-    statements = [Statement(sql, params, rt.guard.check(sql).command) for sql, params in parts]
-    results = await gw.database.run_in_tenant_tx(
-        tenant.id, statements, read_only=opts.read_only, isolation=opts.isolation,
-        timeout_ms=opts.timeout_ms, max_rows=opts.max_rows)
-    return [render(r, opts.row_format) for r in results]
-
-
-def _json(payload: Any) -> web.Response:
-    return web.Response(body=dumps(payload), content_type="application/json")
+    t2 = time.perf_counter()
+    statements = []
+    for sql, params in parts:
+        verdict = rt.guard.verdict(sql)
+        trace.fingerprint = trace.fingerprint or verdict.fingerprint or None
+        if verdict.rejection is not None:
+            raise ApiError(STATEMENT_REJECTED, verdict.rejection)
+        statements.append(Statement(sql, params, verdict.command))
+    trace.guard_s = time.perf_counter() - t2
+    gw.metrics.enter(tenant.id)
+    try:
+        results = await gw.database.run_in_tenant_tx(
+            tenant.id, statements, read_only=opts.read_only, isolation=opts.isolation,
+            timeout_ms=opts.timeout_ms, max_rows=opts.max_rows, trace=trace)
+    finally:
+        gw.metrics.leave(tenant.id)
+    t3 = time.perf_counter()
+    trace.rows = sum(len(r.rows) for r in results)
+    rendered = [render(r, opts.row_format) for r in results]
+    body_bytes = dumps({"results": rendered} if batch else rendered[0])
+    trace.encode_s = time.perf_counter() - t3
+    return web.Response(body=body_bytes, content_type="application/json")
 
 
 async def query(request: web.Request) -> web.Response:
-    (result,) = await _execute(request, batch=False)
-    return _json(result)
+    return await _execute(request, batch=False)
 
 
 async def transaction(request: web.Request) -> web.Response:
-    return _json({"results": await _execute(request, batch=True)})
+    return await _execute(request, batch=True)

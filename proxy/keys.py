@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from .trace import RequestTrace
+
 if TYPE_CHECKING:
     from .app import Gateway  # noqa: F401 - used in the AppKey annotation string
 
@@ -14,3 +16,4 @@ if TYPE_CHECKING:
 GATEWAY = web.AppKey["Gateway"]("gateway")
 
 REQUEST_ID = web.RequestKey[str]("request_id")
+TRACE = web.RequestKey[RequestTrace]("trace")

@@ -1,8 +1,9 @@
 """The real test stack: PostgreSQL 15 + PgBouncer (transaction mode) on free ports.
 
 Three ways to get one, in this order:
-  1. reuse: TEST_GATEWAY_DSN (the gateway role through PgBouncer) and TEST_ADMIN_DSN
-     (a superuser straight to PostgreSQL) name a running stack with deploy/sql applied;
+  1. reuse: TEST_GATEWAY_DSN (the gateway role through PgBouncer), TEST_ADMIN_DSN (a
+     superuser straight to PostgreSQL) and TEST_PGBOUNCER_ADMIN_DSN (PgBouncer's console
+     as a stats user) name a running stack with deploy/sql applied;
   2. docker: TEST_STACK=docker, or a Docker engine answers and TEST_STACK is unset:
      testcontainers runs postgres:15 and PgBouncer 1.18 containers;
   3. local: the machine's PostgreSQL and PgBouncer binaries in a temp dir (what CI uses).
@@ -31,6 +32,7 @@ TEST_POOL_SIZE = 1
 class Stack:
     gateway_dsn: str
     admin_dsn: str
+    pgbouncer_admin_dsn: str
     local: LocalStack | None = None
 
 
@@ -79,12 +81,14 @@ def _docker_stack() -> Iterator[Stack]:  # pragma: no cover - needs a Docker eng
                        .with_env("DB_USER", APP_USER).with_env("DB_PASSWORD", APP_PASSWORD)
                        .with_env("POOL_MODE", "transaction").with_env("AUTH_TYPE", "scram-sha-256")
                        .with_env("DEFAULT_POOL_SIZE", str(TEST_POOL_SIZE))
+                       .with_env("STATS_USERS", APP_USER)
                        .with_exposed_ports(5432))
             with bouncer:
                 host = bouncer.get_container_host_ip()
                 port = bouncer.get_exposed_port(5432)
                 yield Stack(gateway_dsn=f"postgresql://{APP_USER}:{APP_PASSWORD}@{host}:{port}/{DATABASE}",
-                            admin_dsn=admin_dsn)
+                            admin_dsn=admin_dsn,
+                            pgbouncer_admin_dsn=f"postgresql://{APP_USER}:{APP_PASSWORD}@{host}:{port}/pgbouncer")
 
 
 def _local_stack() -> Iterator[Stack]:
@@ -92,7 +96,8 @@ def _local_stack() -> Iterator[Stack]:
     local = LocalStack(root, pool_size=TEST_POOL_SIZE)
     try:
         local.start()
-        yield Stack(gateway_dsn=local.gateway_dsn, admin_dsn=local.admin_dsn, local=local)
+        yield Stack(gateway_dsn=local.gateway_dsn, admin_dsn=local.admin_dsn,
+                    pgbouncer_admin_dsn=local.pgbouncer_admin_dsn, local=local)
     finally:
         local.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -100,8 +105,9 @@ def _local_stack() -> Iterator[Stack]:
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
-    if os.environ.get("TEST_GATEWAY_DSN") and os.environ.get("TEST_ADMIN_DSN"):
-        yield Stack(gateway_dsn=os.environ["TEST_GATEWAY_DSN"], admin_dsn=os.environ["TEST_ADMIN_DSN"])
+    reuse = ("TEST_GATEWAY_DSN", "TEST_ADMIN_DSN", "TEST_PGBOUNCER_ADMIN_DSN")
+    if all(os.environ.get(v) for v in reuse):
+        yield Stack(*(os.environ[v] for v in reuse))
         return
     mode = os.environ.get("TEST_STACK", "")
     if mode == "docker" or (mode == "" and _docker_answers()):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the system packages the dev/test stack needs when they are missing:
-# PostgreSQL 15 server binaries and PgBouncer.  Uses apt when run as root; otherwise
+# PostgreSQL 15 server binaries, PgBouncer, and Prometheus (for the metrics tests).  Uses apt when run as root; otherwise
 # prints the command to run.  Safe to run repeatedly: it does nothing when all is there.
 set -euo pipefail
 
@@ -13,6 +13,10 @@ if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
 fi
 if ! command -v psql >/dev/null 2>&1; then
   missing+=(postgresql-client)
+fi
+# Tests scrape the gateway with a real Prometheus and check rules with promtool.
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+  missing+=(prometheus)
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 

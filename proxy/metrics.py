@@ -1,0 +1,288 @@
+"""Every metric the gateway exports, with bounded tenant labels.  The only prometheus_client user.
+
+At most ``metrics.tenant_label_limit`` tenants have their own ``tenant`` label at any
+time: pinned tenants, then the heaviest by database time over the hotspot window
+(``hotspots.HeavyHitters``).  Every other tenant's observations are recorded under
+``tenant="__other__"``.  When a tenant leaves the labelled set its series are removed;
+its later observations go to ``__other__`` and its earlier ones are not copied there,
+so nothing is counted twice.  Requests that never resolved a tenant (bad credentials)
+use ``tenant="__none__"``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+
+from .config import MetricsConfig
+from .db import PoolStats
+from .hotspots import HeavyHitters, TenantLoad, choose_labelled
+from .pgbouncer import Snapshot
+from .trace import RequestTrace
+
+OTHER = "__other__"
+NO_TENANT = "__none__"
+# Sub-millisecond to 30 s.
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+REJECT_REASONS = {
+    "unauthenticated": "auth", "statement_rejected": "guard", "rate_limited": "rate",
+    "concurrency_limited": "concurrency", "tenant_suspended": "suspended", "pool_timeout": "pool_timeout",
+    "statement_timeout": "statement_timeout",
+}
+_REFRESH_S = 1.0
+_RECENT = 512  # latencies kept per labelled tenant for the admin quantiles
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class Metrics:
+    """Declares the metrics on its own registry and records one request at a time."""
+
+    def __init__(self, cfg: MetricsConfig, version: str, pinned: frozenset[str],
+                 pools: Callable[[], list[PoolStats]], clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.pinned = pinned
+        self.clock = clock
+        # *_created series would double the exposition for no use on a dashboard.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("tenant_proxy_requests", "HTTP requests by tenant, endpoint and status code",
+                                ["tenant", "endpoint", "code"], registry=r)
+        self.rejected = Counter("tenant_proxy_rejected", "Requests refused before or instead of running, by reason",
+                                ["tenant", "reason"], registry=r)
+        self.duration = Histogram("tenant_proxy_request_duration_seconds", "End-to-end request latency",
+                                  ["tenant", "endpoint"], buckets=BUCKETS, registry=r)
+        self.pool_wait = Histogram("tenant_proxy_pool_wait_seconds",
+                                   "Time waiting for a database connection or a tenant slot", ["tenant"],
+                                   buckets=BUCKETS, registry=r)
+        self.db_duration = Histogram("tenant_proxy_db_duration_seconds", "Database time, BEGIN to COMMIT",
+                                     ["tenant"], buckets=BUCKETS, registry=r)
+        self.rows = Counter("tenant_proxy_rows_returned", "Rows returned to callers", ["tenant"], registry=r)
+        self.folded = Counter("tenant_proxy_tenants_folded",
+                              f"Requests recorded under tenant=\"{OTHER}\" instead of their own label", registry=r)
+        self.reloads = Counter("tenant_proxy_config_reloads", "Config reloads by result", ["result"], registry=r)
+        Gauge("tenant_proxy_build_info", "Gateway version", ["version"], registry=r).labels(version).set(1)
+        Gauge("tenant_proxy_tenant_label_limit", "Most tenants with their own label", registry=r).set(
+            cfg.tenant_label_limit)
+        self.hot = HeavyHitters(window_s=cfg.hotspot_window_s, capacity=max(64, 4 * cfg.tenant_label_limit),
+                                hot_share=cfg.hotspot_share)
+        self.pgbouncer: Snapshot | None = None
+        self._pools = pools
+        self._labelled: frozenset[str] = choose_labelled((), pinned, cfg.tenant_label_limit)
+        self._next_refresh = 0.0
+        self._series: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
+        self._inflight: dict[str, int] = {}
+        self._recent: dict[str, deque[tuple[float, float]]] = {}
+        r.register(_Collector(self))
+
+    # -- labels -------------------------------------------------------------------
+    def label(self, tenant: str | None) -> str:
+        if tenant is None:
+            return NO_TENANT
+        return tenant if tenant in self._labelled else OTHER
+
+    def _assign(self, tenant: str | None) -> str:
+        """The label for a new observation: a free slot goes to the tenant at once; when
+        all are taken, the periodic refresh decides (heaviest tenants win)."""
+        if tenant is not None and tenant not in self._labelled and len(self._labelled) < self.cfg.tenant_label_limit:
+            self._labelled = self._labelled | {tenant}
+        return self.label(tenant)
+
+    def _refresh(self, now: float) -> None:
+        if now < self._next_refresh:
+            return
+        self._next_refresh = now + _REFRESH_S
+        new = choose_labelled(self.hot.top(self.cfg.tenant_label_limit, now), self.pinned,
+                              self.cfg.tenant_label_limit)
+        for gone in self._labelled - new:
+            for metric, labels in self._series.pop(gone, ()):
+                metric.remove(*labels)
+            self._recent.pop(gone, None)
+        self._labelled = new
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        tenant = labels[0]
+        if tenant not in (OTHER, NO_TENANT):
+            self._series.setdefault(tenant, set()).add((metric, labels))
+        return metric.labels(*labels)
+
+    # -- recording ----------------------------------------------------------------
+    def enter(self, tenant: str) -> None:
+        self._inflight[tenant] = self._inflight.get(tenant, 0) + 1
+
+    def leave(self, tenant: str) -> None:
+        n = self._inflight.get(tenant, 0) - 1
+        if n > 0:
+            self._inflight[tenant] = n
+        else:
+            self._inflight.pop(tenant, None)
+
+    def observe(self, trace: RequestTrace, status: int, duration_s: float, request_id: str) -> None:
+        """Record one finished request (called once, by the middleware)."""
+        now = self.clock()
+        if trace.tenant is not None and trace.db_s is not None:
+            self.hot.add(trace.tenant, trace.db_s, now)
+        self._refresh(now)
+        label = self._assign(trace.tenant)
+        if label == OTHER:
+            self.folded.inc()
+        self._child(self.requests, label, trace.endpoint, str(status)).inc()
+        reason = REJECT_REASONS.get(trace.error_code or "")
+        if reason is not None:
+            self._child(self.rejected, label, reason).inc()
+        self._child(self.duration, label, trace.endpoint).observe(duration_s, exemplar={"request_id": request_id})
+        if trace.wait_s is not None:
+            self._child(self.pool_wait, label).observe(trace.wait_s)
+        if trace.db_s is not None:
+            self._child(self.db_duration, label).observe(trace.db_s)
+            self._child(self.rows, label).inc(trace.rows)
+        if label not in (OTHER, NO_TENANT):
+            self._recent.setdefault(label, deque(maxlen=_RECENT)).append((duration_s, trace.wait_s or 0.0))
+
+    # -- reading ------------------------------------------------------------------
+    def exposition(self, accept: str | None) -> tuple[bytes, str]:
+        """Prometheus text, or OpenMetrics (with exemplars) when the scraper asks for it."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+    def tenant_report(self, load: TenantLoad) -> dict[str, Any]:
+        recent = list(self._recent.get(load.tenant, ()))
+        latencies = [d for d, _ in recent]
+        waits = [w for _, w in recent]
+        return {
+            "tenant": load.tenant,
+            "labelled": load.tenant in self._labelled,
+            "db_time_share_estimate": round(load.share, 4),
+            "requests_per_s_estimate": round(load.requests_per_s, 2),
+            "latency_p50_s_recent": _quantile(latencies, 0.5),
+            "latency_p99_s_recent": _quantile(latencies, 0.99),
+            "pool_wait_p99_s_recent": _quantile(waits, 0.99),
+            "inflight": self._inflight.get(load.tenant, 0),
+            "hot": load.hot,
+        }
+
+    def hotspots(self) -> list[dict[str, Any]]:
+        now = self.clock()
+        self._refresh(now)
+        return [self.tenant_report(load) for load in self.hot.top(self.cfg.tenant_label_limit, now)]
+
+    def tenant(self, tenant: str) -> dict[str, Any]:
+        return self.tenant_report(self.hot.load_of(tenant, self.clock()))
+
+
+class _Collector:
+    """Figures computed at scrape time: hotspots, in-flight, pools, PgBouncer."""
+
+    def __init__(self, m: Metrics) -> None:
+        self.m = m
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.m
+        now = m.clock()
+        m._refresh(now)
+        share = GaugeMetricFamily("tenant_proxy_tenant_load_share",
+                                  "Share of database time over the hotspot window (estimate)", labels=["tenant"])
+        hot = GaugeMetricFamily("tenant_proxy_hot_tenants", "1 while the tenant is over the hotspot share",
+                                labels=["tenant"])
+        for load in m.hot.top(m.cfg.tenant_label_limit, now):
+            if load.tenant in m._labelled:
+                share.add_metric([load.tenant], load.share)
+                hot.add_metric([load.tenant], 1.0 if load.hot else 0.0)
+        yield share
+        yield hot
+        inflight = GaugeMetricFamily("tenant_proxy_inflight_requests", "Requests in progress", labels=["tenant"])
+        totals: dict[str, int] = {}
+        for tenant, n in m._inflight.items():
+            label = m.label(tenant)
+            totals[label] = totals.get(label, 0) + n
+        for label, n in sorted(totals.items()):
+            inflight.add_metric([label], n)
+        yield inflight
+        yield from _pool_families(m._pools())
+        if m.pgbouncer is not None:
+            yield from _pgbouncer_families(m.pgbouncer)
+
+
+def _pool_families(pools: list[PoolStats]) -> Iterator[Metric]:
+    conns = GaugeMetricFamily("tenant_proxy_pool_connections", "Gateway pool connections by state",
+                              labels=["pool", "state"])
+    waiting = GaugeMetricFamily("tenant_proxy_pool_waiting", "Requests waiting for a pool connection",
+                                labels=["pool"])
+    size = GaugeMetricFamily("tenant_proxy_pool_max", "Pool size limit", labels=["pool"])
+    timeouts = CounterMetricFamily("tenant_proxy_pool_timeouts", "Acquire timeouts", labels=["pool"])
+    for p in pools:
+        conns.add_metric([p.name, "idle"], p.idle)
+        conns.add_metric([p.name, "in_use"], p.size - p.idle)
+        waiting.add_metric([p.name], p.waiting)
+        size.add_metric([p.name], p.max)
+        timeouts.add_metric([p.name], p.timeouts)
+    yield from (conns, waiting, size, timeouts)
+
+
+_POOL_COLUMNS = {
+    "cl_active": ("pgbouncer_pools_client_active_connections", 1.0),
+    "cl_waiting": ("pgbouncer_pools_client_waiting_connections", 1.0),
+    "cl_active_cancel_req": ("pgbouncer_pools_client_active_cancel_connections", 1.0),
+    "cl_waiting_cancel_req": ("pgbouncer_pools_client_waiting_cancel_connections", 1.0),
+    "sv_active": ("pgbouncer_pools_server_active_connections", 1.0),
+    "sv_active_cancel": ("pgbouncer_pools_server_active_cancel_connections", 1.0),
+    "sv_being_canceled": ("pgbouncer_pools_server_being_canceled_connections", 1.0),
+    "sv_idle": ("pgbouncer_pools_server_idle_connections", 1.0),
+    "sv_used": ("pgbouncer_pools_server_used_connections", 1.0),
+    "sv_tested": ("pgbouncer_pools_server_testing_connections", 1.0),
+    "sv_login": ("pgbouncer_pools_server_login_connections", 1.0),
+}
+_STATS_COLUMNS = {
+    "query_count": ("pgbouncer_stats_totals_queries_pooled", 1.0),
+    "xact_count": ("pgbouncer_stats_totals_sql_transactions_pooled", 1.0),
+    "bytes_received": ("pgbouncer_stats_totals_received_bytes", 1.0),
+    "bytes_sent": ("pgbouncer_stats_totals_sent_bytes", 1.0),
+    "query_time": ("pgbouncer_stats_totals_queries_duration_seconds", 1e-6),
+    "xact_time": ("pgbouncer_stats_totals_server_in_transaction_seconds", 1e-6),
+    "wait_time": ("pgbouncer_stats_totals_client_wait_seconds", 1e-6),
+}
+_LIST_NAMES = {
+    "databases": "pgbouncer_databases", "users": "pgbouncer_users", "pools": "pgbouncer_pools",
+    "free_clients": "pgbouncer_free_clients", "used_clients": "pgbouncer_used_clients",
+    "login_clients": "pgbouncer_login_clients", "free_servers": "pgbouncer_free_servers",
+    "used_servers": "pgbouncer_used_servers", "dns_names": "pgbouncer_cached_dns_names",
+    "dns_zones": "pgbouncer_cached_dns_zones", "dns_queries": "pgbouncer_in_flight_dns_queries",
+}
+
+
+def _pgbouncer_families(snap: Snapshot) -> Iterator[Metric]:
+    yield GaugeMetricFamily("pgbouncer_up", "1 when PgBouncer's admin console answered", value=1.0 if snap.up else 0.0)
+    for column, (name, scale) in _POOL_COLUMNS.items():
+        fam = GaugeMetricFamily(name, f"SHOW POOLS {column}", labels=["database", "user"])
+        for row in snap.pools:
+            fam.add_metric([row["database"], row["user"]], float(row.get(column) or 0) * scale)
+        yield fam
+    maxwait = GaugeMetricFamily("pgbouncer_pools_client_maxwait_seconds", "Oldest waiting client's wait",
+                                labels=["database", "user"])
+    for row in snap.pools:
+        maxwait.add_metric([row["database"], row["user"]],
+                           float(row.get("maxwait") or 0) + float(row.get("maxwait_us") or 0) * 1e-6)
+    yield maxwait
+    for column, (name, scale) in _STATS_COLUMNS.items():
+        cfam = CounterMetricFamily(name, f"SHOW STATS_TOTALS {column}", labels=["database"])
+        for row in snap.stats:
+            cfam.add_metric([row["database"]], float(row.get(column) or 0) * scale)
+        yield cfam
+    for item, name in _LIST_NAMES.items():
+        if item in snap.lists:
+            yield GaugeMetricFamily(name, f"SHOW LISTS {item}", value=snap.lists[item])
