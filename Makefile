@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test setup system lint typecheck clean
+.PHONY: run test setup system lint bench clean
 
 run: setup
 	$(BIN)/tenant-proxy dev --config config/dev.yaml --dir .dev
@@ -31,3 +31,7 @@ lint: setup
 
 clean:
 	rm -rf .dev $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# Benchmarks (not part of `make test`): each writes its figures to benchmarks/RESULTS.md.
+bench: setup
+	$(BIN)/python -m benchmarks.metrics_scrape

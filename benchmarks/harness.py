@@ -1,0 +1,79 @@
+"""Shared benchmark plumbing: a real stack, a running gateway, and result recording."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import os
+import re
+import resource
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+from proxy.app import RunningGateway, start_gateway
+from proxy.auth import hash_key
+from proxy.config import Settings, parse_config
+from proxy.devstack import LocalStack
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+BENCH_KEY = "bench-any-tenant-key"
+
+
+@contextlib.contextmanager
+def local_stack(pool_size: int = 20) -> Iterator[LocalStack]:
+    root = Path(tempfile.mkdtemp(prefix="tenant-proxy-bench-"))
+    stack = LocalStack(root, pool_size=pool_size)
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def gateway_settings(stack: LocalStack, **overrides: Any) -> Settings:
+    raw: dict[str, Any] = {
+        "server": {"port": 0, "admin_port": 0},
+        "database": {"dsn": stack.gateway_dsn, "pool_min_size": 4, "pool_max_size": 20},
+        "auth": {"api_keys": [{"name": "bench", "sha256": hash_key(BENCH_KEY), "tenants": ["*"]}]},
+        "logging": {"access_log": False},
+    }
+    for key, value in overrides.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return parse_config(raw, os.environ)
+
+
+@contextlib.asynccontextmanager
+async def gateway(settings: Settings) -> AsyncIterator[RunningGateway]:
+    running = await start_gateway(settings)
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process, in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def record(section: str, body: str) -> None:
+    """Replace (or append) one ``## section`` of benchmarks/RESULTS.md."""
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by `make bench`.\n"
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    block = f"## {section}\n\n_Measured {stamp} on {os.cpu_count()} cores._\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: block + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + block
+    RESULTS.write_text(text)
+
+
+def run(coro: Any) -> Any:
+    import uvloop
+
+    return uvloop.run(coro) if hasattr(uvloop, "run") else asyncio.run(coro)
