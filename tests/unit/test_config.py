@@ -42,7 +42,8 @@ def test_minimal_config_gets_documented_defaults() -> None:
 def test_example_and_dev_configs_are_valid() -> None:
     root = Path(__file__).resolve().parents[2]
     for name in ("example.yaml", "dev.yaml"):
-        load_config(root / "config" / name, {"PROXY_JWT_SECRET": "x" * 40, "PROXY_DB_PASSWORD": "pw"})
+        load_config(root / "config" / name, {"PROXY_JWT_SECRET": "x" * 40, "PROXY_DB_PASSWORD": "pw",
+                                               "PROXY_STATS_PASSWORD": "pw"})
 
 
 def test_every_problem_is_listed_by_key_path() -> None:
