@@ -15,6 +15,19 @@ from typing import Any
 SEVERITIES = ("fatal", "error", "warning")
 _INVOKER_ON = {"security_invoker=true", "security_invoker=on", "security_invoker=1", "security_invoker=yes"}
 SET_CONFIG = "pg_catalog.set_config(text,text,boolean)"
+# Built-ins the gateway's role must not run (deploy/sql/003_hardening.sql revokes them):
+# they run SQL text past the guard, hold session locks, signal backends, reach the
+# shared large objects, or leave session values for the next tenant.
+DANGEROUS_FUNCTIONS = (
+    "query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema", "ts_stat", "ts_rewrite",
+    "cursor_to_xml", "cursor_to_xmlschema",
+    "pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared",
+    "pg_advisory_unlock", "pg_advisory_unlock_shared", "pg_advisory_unlock_all",
+    "pg_terminate_backend", "pg_cancel_backend", "pg_notify",
+    "lo_open", "lo_close", "loread", "lowrite", "lo_lseek", "lo_lseek64", "lo_creat", "lo_create", "lo_tell",
+    "lo_tell64", "lo_truncate", "lo_truncate64", "lo_unlink", "lo_import", "lo_export", "lo_from_bytea", "lo_get",
+    "lo_put", "setseed",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +109,13 @@ SELECT n.nspname,
                WHERE a.grantee = 0 AND a.privilege_type = 'CREATE') AS public_create
 FROM pg_catalog.pg_namespace n
 WHERE n.nspname NOT LIKE 'pg\\_%' AND n.nspname <> 'information_schema'
+ORDER BY 1
+"""
+_DANGEROUS = """
+SELECT p.oid::regprocedure::text AS signature
+FROM pg_catalog.pg_proc p
+WHERE p.pronamespace = 'pg_catalog'::regnamespace AND p.proname = ANY($1::text[])
+  AND pg_catalog.has_function_privilege($2, p.oid, 'EXECUTE')
 ORDER BY 1
 """
 _DEFINERS = """
@@ -219,6 +239,10 @@ async def _privilege_findings(conn: Any, role: str) -> list[Finding]:
         if s["role_create"]:
             findings.append(Finding("error", "role_create", s["nspname"], f"{role} can create objects in the schema",
                                     f"REVOKE CREATE ON SCHEMA {_ident(s['nspname'])} FROM PUBLIC, {_ident(role)};"))
+    for f in await conn.fetch(_DANGEROUS, list(DANGEROUS_FUNCTIONS), role):
+        findings.append(Finding("error", "role_dangerous_function", f["signature"],
+                                f"{role} can execute {f['signature']}",
+                                f"REVOKE EXECUTE ON FUNCTION {f['signature']} FROM PUBLIC, {_ident(role)};"))
     for f in await conn.fetch(_DEFINERS, role):
         fn = f"{f['nspname']}.{f['proname']}({f['args']})"
         findings.append(Finding("warning", "security_definer", fn,

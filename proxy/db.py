@@ -14,6 +14,7 @@ A connection whose state is not what the gateway expects is terminated, never re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from .errors import (
     DATABASE_UNAVAILABLE,
     INVALID_REQUEST,
     POOL_TIMEOUT,
+    SQL_ERROR_DATA,
     STATEMENT_REJECTED,
     STATEMENT_TIMEOUT,
     ApiError,
@@ -104,11 +106,22 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     if fatal:
         raise RoleCanBypassRls(fatal)
     # json/jsonb pass through as the database's own text, embedded as-is in the response.
-    for name in ("json", "jsonb"):
-        await conn.set_type_codec(name, schema="pg_catalog", encoder=lambda v: orjson.dumps(v).decode(),
-                                  decoder=orjson.Fragment, format="text")
+    # Binary format (jsonb's is a version byte, then the text) so rows and composites
+    # that contain them decode too.
+    await conn.set_type_codec("json", schema="pg_catalog", encoder=orjson.dumps, decoder=orjson.Fragment,
+                              format="binary")
+    await conn.set_type_codec("jsonb", schema="pg_catalog", encoder=_jsonb_encode, decoder=_jsonb_decode,
+                              format="binary")
     # Intervals keep months and days apart as PostgreSQL's own text.
     await conn.set_type_codec("interval", schema="pg_catalog", encoder=str, decoder=str, format="text")
+
+
+def _jsonb_encode(value: Any) -> bytes:
+    return b"\x01" + orjson.dumps(value)
+
+
+def _jsonb_decode(data: bytes) -> orjson.Fragment:
+    return orjson.Fragment(data[1:])
 
 
 def _quote_literal(value: str) -> str:
@@ -211,13 +224,13 @@ class Database:
             results = [await _one(conn, st, client_timeout, max_rows) for st in statements]
             if not conn.is_in_transaction():
                 # The caller ended the gateway's transaction: the rest would run outside the tenant.
-                conn.terminate()
+                _terminate(conn)
                 raise _Closed(ApiError(STATEMENT_REJECTED, "the statement ended the gateway's transaction"))
             try:
                 await conn.execute(commit, timeout=client_timeout)
             except asyncpg.DivisionByZeroError:
                 await _rollback(conn)
-                conn.terminate()
+                _terminate(conn)
                 raise _Closed(ApiError(STATEMENT_REJECTED, "the statement changed the tenant setting")) from None
             return results
         except _Closed as closed:
@@ -229,16 +242,21 @@ class Database:
             await _rollback(conn)
             raise
         except TimeoutError:
-            conn.terminate()
+            _terminate(conn)
             raise ApiError(STATEMENT_TIMEOUT, "statement cancelled: it ran past its time limit") from None
         except asyncpg.DataError as exc:
             await _rollback(conn)
             raise ApiError(INVALID_REQUEST, f"invalid parameter: {exc}") from None
+        except asyncpg.UnsupportedClientFeatureError:
+            # Raised while decoding a result: the connection's protocol state is unknown.
+            _terminate(conn)
+            raise ApiError(SQL_ERROR_DATA, "the result holds a value of a type the gateway cannot return; "
+                           "select its fields instead") from None
         except _CONNECTION_ERRORS as exc:
-            conn.terminate()
+            _terminate(conn)
             raise _unavailable(exc) from None
         except BaseException:
-            conn.terminate()
+            _terminate(conn)
             raise
 
 
@@ -278,13 +296,22 @@ def _describe(t: Any) -> tuple[str, str, str | None]:
     return t.name, t.kind, element
 
 
+def _terminate(conn: asyncpg.Connection) -> None:
+    """Close a connection for good; a no-op when it broke and went back to the pool already."""
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
+
+
 async def _rollback(conn: asyncpg.Connection) -> None:
-    if conn.is_closed() or not conn.is_in_transaction():
-        return
+    try:
+        if conn.is_closed() or not conn.is_in_transaction():
+            return
+    except asyncpg.InterfaceError:
+        return  # it broke and went back to the pool already
     try:
         await conn.execute("ROLLBACK", timeout=5)
     except (TimeoutError, *_CONNECTION_ERRORS, asyncpg.PostgresError):
-        conn.terminate()
+        _terminate(conn)
 
 
 def _unavailable(exc: BaseException) -> ApiError:

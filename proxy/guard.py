@@ -53,6 +53,14 @@ DENIED_FUNCTIONS = frozenset({
     "pg_terminate_backend", "pg_cancel_backend", "pg_reload_conf", "pg_rotate_logfile",
     "pg_notify", "pg_logical_emit_message",
     "pg_import_system_collations", "pg_stat_reset", "pg_stat_reset_shared",
+    # large objects are shared by every tenant (all are owned by the gateway's role)
+    "lo_open", "lo_close", "loread", "lowrite", "lo_lseek", "lo_lseek64", "lo_creat", "lo_create", "lo_tell",
+    "lo_tell64", "lo_truncate", "lo_truncate64", "lo_unlink", "lo_import", "lo_export", "lo_from_bytea", "lo_get",
+    "lo_put",
+    "pg_ls_logdir", "pg_ls_waldir", "pg_ls_tmpdir", "pg_ls_archive_statusdir", "pg_ls_logicalsnapdir",
+    "pg_ls_logicalmapdir", "pg_ls_replslotdir",
+    # session-level values the next tenant on the same backend would read
+    "setseed", "lastval", "currval",
 })
 DENIED_PREFIXES = ("dblink", "lo_", "pg_ls_", "pg_replication_", "pg_create_", "pg_drop_replication")
 _PG_TEMP = re.compile(r"^pg_temp(_\d+)?$")
@@ -150,6 +158,12 @@ class Guard:
             self._names(node.names)
         elif isinstance(node, ast.ColumnRef):
             self._names(node.fields)
+            # `rel.f` and `(expr).f` are PostgreSQL's functional notation for `f(rel)`.
+            for part in node.fields[1:]:
+                self._field(part)
+        elif isinstance(node, ast.A_Indirection):
+            for part in node.indirection:
+                self._field(part)
         elif not is_top and type(node).__name__.endswith("Stmt") and not isinstance(node, _NESTED_OK):
             raise _Rejected(f"{_kind(node)} is not allowed")
 
@@ -160,6 +174,10 @@ class Guard:
             return
         if name in self._deny or name.startswith(DENIED_PREFIXES):
             raise _Rejected(f"function {name} is not allowed")
+
+    def _field(self, part: Any) -> None:
+        if isinstance(part, ast.String) and part.sval in self._deny and part.sval not in self._allow:
+            raise _Rejected(f"function {part.sval} is not allowed (called as a field)")
 
     @staticmethod
     def _names(names: Any) -> None:

@@ -129,6 +129,13 @@ def render(result: Result, row_format: str) -> dict[str, Any]:
     }
 
 
+def _tenant_header(request: web.Request, name: str) -> str | None:
+    values = request.headers.getall(name, [])
+    if len(values) > 1:
+        raise ApiError(INVALID_REQUEST, f"{name} must be given at most once")
+    return values[0] if values else None
+
+
 async def _execute(request: web.Request, batch: bool) -> web.Response:
     gw = request.app[GATEWAY]
     rt = gw.runtime
@@ -136,7 +143,7 @@ async def _execute(request: web.Request, batch: bool) -> web.Response:
     t0 = time.perf_counter()
     principal = rt.authenticator.authenticate(request.headers.get("Authorization"))
     trace.caller = principal.name
-    tenant: Tenant = resolve(principal, request.headers.get(rt.settings.tenancy.header), rt.settings)
+    tenant: Tenant = resolve(principal, _tenant_header(request, rt.settings.tenancy.header), rt.settings)
     trace.tenant = tenant.id
     t1 = time.perf_counter()
     trace.auth_s = t1 - t0

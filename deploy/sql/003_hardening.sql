@@ -6,6 +6,32 @@
 -- SET LOCAL, a command, so nobody that runs caller SQL needs the function.
 REVOKE EXECUTE ON FUNCTION pg_catalog.set_config(text, text, boolean) FROM PUBLIC;
 
+-- Built-in functions that run SQL given as text (past the gateway's guard), take locks
+-- that outlive the transaction, signal other backends (every gateway backend runs as
+-- the same role, so it may signal them all), reach large objects (shared by every
+-- tenant) or leave session values for the next tenant.  Keep this list in step with
+-- proxy/audit.py DANGEROUS_FUNCTIONS: the audit reports any the role can still run.
+DO $$
+DECLARE f regprocedure;
+BEGIN
+  FOR f IN
+    SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
+    WHERE p.pronamespace = 'pg_catalog'::regnamespace AND p.proname = ANY (ARRAY[
+      'query_to_xml', 'query_to_xmlschema', 'query_to_xml_and_xmlschema', 'ts_stat', 'ts_rewrite',
+      'cursor_to_xml', 'cursor_to_xmlschema',
+      'pg_advisory_lock', 'pg_advisory_lock_shared', 'pg_try_advisory_lock', 'pg_try_advisory_lock_shared',
+      'pg_advisory_unlock', 'pg_advisory_unlock_shared', 'pg_advisory_unlock_all',
+      'pg_terminate_backend', 'pg_cancel_backend', 'pg_notify',
+      'lo_open', 'lo_close', 'loread', 'lowrite', 'lo_lseek', 'lo_lseek64', 'lo_creat', 'lo_create',
+      'lo_tell', 'lo_tell64', 'lo_truncate', 'lo_truncate64', 'lo_unlink', 'lo_import', 'lo_export',
+      'lo_from_bytea', 'lo_get', 'lo_put',
+      'setseed'])
+  LOOP
+    EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
+  END LOOP;
+END
+$$;
+
 -- No object creation by callers: temp tables/functions would shadow real ones for the
 -- next client on the same pooled backend, and anything created in a schema outlives
 -- the request.

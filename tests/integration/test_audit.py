@@ -68,6 +68,9 @@ WEAKNESSES = [
      "view_not_security_invoker", "public.leaky"),
     ("CREATE MATERIALIZED VIEW snap AS SELECT * FROM events; GRANT SELECT ON snap TO app", "error",
      "materialized_view", "public.snap"),
+    ("GRANT EXECUTE ON FUNCTION pg_advisory_lock(bigint) TO PUBLIC", "error", "role_dangerous_function",
+     "pg_advisory_lock(bigint)"),
+    ("GRANT EXECUTE ON FUNCTION lo_get(oid) TO app", "error", "role_dangerous_function", "lo_get(oid)"),
     ("CREATE FUNCTION definer() RETURNS int LANGUAGE sql SECURITY DEFINER AS 'SELECT 1'", "warning",
      "security_definer", "public.definer()"),
 ]

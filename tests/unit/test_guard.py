@@ -27,6 +27,8 @@ ALLOWED = {
     "SELECT 'set_config(1)' AS literal_is_fine": "SELECT",
     "SELECT * FROM events FOR UPDATE": "SELECT",
     "SELECT pg_sleep(0.1)": "SELECT",
+    "SELECT e.id, (e).event_type FROM events e": "SELECT",
+    "SELECT (data).x FROM t": "SELECT",
 }
 
 REJECTED = {
@@ -85,6 +87,15 @@ REJECTED = {
         "function set_config",
     "DELETE FROM events RETURNING set_config('a','b',true)": "function set_config",
     "SELECT 1\x00": "NUL",
+    "SELECT (1::bigint).pg_advisory_lock": "function pg_advisory_lock is not allowed (called as a field)",
+    "SELECT n.pg_advisory_lock_shared FROM int8(3) AS n": "function pg_advisory_lock_shared",
+    "SELECT (x.n).pg_try_advisory_lock FROM (SELECT 2::bigint AS n) x": "function pg_try_advisory_lock",
+    "SELECT ('select 1'::text).ts_stat": "function ts_stat",
+    "SELECT (0::oid).lo_create": "function lo_create",
+    "SELECT (pg_backend_pid()).pg_terminate_backend": "function pg_terminate_backend",
+    "SELECT setseed(0.5)": "function setseed",
+    "SELECT lastval()": "function lastval",
+    "SELECT loread(0, 1)": "function loread",
 }
 
 
