@@ -35,10 +35,10 @@ def _setup_logging(level: str) -> None:
     access.setLevel(logging.INFO)
 
 
-async def _serve(settings: Settings, banner: str | None = None) -> None:
+async def _serve(settings: Settings, config_path: str, banner: str | None = None) -> None:
     from .app import start_gateway
 
-    running = await start_gateway(settings)
+    running = await start_gateway(settings, Path(config_path), os.environ)
     logging.getLogger("tenant_proxy").info(
         "serving on %s:%d (admin %s:%d)", settings.server.host, running.port,
         settings.server.admin_host, running.admin_port)
@@ -48,6 +48,14 @@ async def _serve(settings: Settings, banner: str | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[list[str]]] = set()
+
+    def reload() -> None:
+        task = asyncio.ensure_future(running.gateway.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
     await running.stop()
 
@@ -64,7 +72,7 @@ def _run(coro_factory: object) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     _setup_logging(settings.logging.level)
-    _run(_serve(settings))
+    _run(_serve(settings, args.config))
     return 0
 
 
@@ -126,8 +134,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
         stack.load_demo()
         settings = _load(args.config)
         _setup_logging(settings.logging.level)
-        _run(_serve(settings, banner=DEMO_BANNER.format(port=settings.server.port,
-                                                         admin_port=settings.server.admin_port)))
+        _run(_serve(settings, args.config, banner=DEMO_BANNER.format(port=settings.server.port,
+                                                                      admin_port=settings.server.admin_port)))
     finally:
         stack.stop()
     return 0
@@ -182,12 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        from .db import RoleCanBypassRls, database_errors
+        from .db import DATABASE_ERRORS, RoleCanBypassRls
 
         if isinstance(exc, RoleCanBypassRls):
             print(f"refusing to start: {exc}", file=sys.stderr)
             return 1
-        if isinstance(exc, database_errors()):
+        if isinstance(exc, DATABASE_ERRORS):
             print(f"{args.command}: database error: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
         raise

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import datetime
 import logging
 import random
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -17,17 +20,19 @@ from aiohttp import web
 
 from . import __version__, admin, handlers
 from .auth import Authenticator
-from .config import LoggingConfig, Settings
-from .db import Database
+from .config import ConfigError, Limits, LoggingConfig, Settings, load_config
+from .db import DATABASE_ERRORS, Database, PoolStats, RoleCanBypassRls
 from .errors import error_middleware
 from .guard import Guard
 from .keys import GATEWAY, REQUEST_ID, TRACE
+from .limits import Scheduler
 from .metrics import Metrics
 from .trace import RequestTrace
 
 log = logging.getLogger("tenant_proxy")
 access_logger = logging.getLogger("tenant_proxy.access")
 
+_START_ERRORS: tuple[type[Exception], ...] = (RoleCanBypassRls, *DATABASE_ERRORS)
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -48,11 +53,75 @@ class Runtime:
 
 @dataclass(slots=True)
 class Gateway:
+    """The running gateway's state, shared by both applications."""
+
     runtime: Runtime
     database: Database
-    metrics: Metrics
+    scheduler: Scheduler
+    config_path: Path | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    metrics: Metrics = field(init=False)
+    # Limits set through PUT /admin/tenants/{id}/limits; dropped by the next reload.
+    overrides: dict[str, Limits] = field(default_factory=dict)
     draining: bool = False
     runners: list[web.AppRunner] = field(default_factory=list)
+    _closing: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        s = self.runtime.settings
+        self.metrics = Metrics(s.metrics, __version__, s.pinned_tenants, self.pool_stats, self.scheduler.inflight)
+
+    def pool_stats(self) -> list[PoolStats]:
+        return [self.database.stats()]
+
+    async def reload(self) -> list[str]:
+        """Re-read the config file and swap it in whole; on any problem keep the old one.
+
+        Returns the problems (empty when the new config is in force)."""
+        if self.config_path is None:
+            problems = ["the gateway was started without a config file"]
+        else:
+            try:
+                settings = load_config(self.config_path, self.env)
+            except ConfigError as exc:
+                problems = exc.problems
+            else:
+                try:
+                    await self.apply(settings)
+                    problems = []
+                except _START_ERRORS as exc:
+                    problems = [f"database: the new pool could not start ({type(exc).__name__})"]
+        self.metrics.reloads.labels("error" if problems else "ok").inc()
+        log.log(logging.WARNING if problems else logging.INFO, "config reload %s%s",
+                "rejected: " if problems else "applied", "; ".join(problems))
+        return problems
+
+    async def apply(self, settings: Settings) -> None:
+        """Swap in new settings.  In-flight requests keep the limits (and pool) they started with."""
+        old = self.runtime.settings
+        if settings.database != old.database or settings.tenancy.guc != old.tenancy.guc:
+            database = Database(settings.database, settings.tenancy.guc)
+            await database.start()
+            retired, self.database = self.database, database
+            task = asyncio.create_task(retired.close())  # waits for its in-flight transactions
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        self.overrides.clear()
+        self.runtime = Runtime.build(settings)
+        self.scheduler.resize(settings.database.pool_max_size, settings.database.acquire_timeout_ms / 1000)
+        self.metrics.configure(settings.metrics, settings.pinned_tenants)
+
+    def set_tenant_limits(self, tenant: str, limits: Limits) -> None:
+        """Change one tenant's limits until the next reload."""
+        settings = self.runtime.settings
+        self.overrides[tenant] = limits
+        self.runtime = dataclasses.replace(
+            self.runtime, settings=dataclasses.replace(settings, tenants={**settings.tenants, tenant: limits}))
+
+    async def close(self) -> None:
+        await self.database.close()
+        if self._closing:
+            await asyncio.gather(*self._closing)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -144,15 +213,20 @@ class RunningGateway:
         for runner in gw.runners:
             await runner.cleanup()
         gw.runners.clear()
-        await gw.database.close()
+        await gw.close()
 
 
-async def start_gateway(settings: Settings) -> RunningGateway:
-    """Open the pools and bind both ports (port 0 picks a free one)."""
+async def start_gateway(settings: Settings, config_path: Path | None = None,
+                        env: Mapping[str, str] | None = None) -> RunningGateway:
+    """Open the pools and bind both ports (port 0 picks a free one).
+
+    ``config_path`` (and the ``env`` its ``${VARS}`` come from) enable reloads."""
     database = Database(settings.database, settings.tenancy.guc)
     await database.start()
-    metrics = Metrics(settings.metrics, __version__, settings.pinned_tenants, lambda: [database.stats()])
-    gateway = Gateway(runtime=Runtime.build(settings), database=database, metrics=metrics)
+    gateway = Gateway(runtime=Runtime.build(settings), database=database,
+                      scheduler=Scheduler(settings.database.pool_max_size, settings.database.acquire_timeout_ms / 1000),
+                      config_path=config_path,
+                      env=env or {})
     data_app, admin_app = create_apps(gateway)
     ports = []
     for app, host, port in ((data_app, settings.server.host, settings.server.port),

@@ -8,9 +8,11 @@ request time; a reload builds a new :class:`Settings` and swaps it whole.
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +92,12 @@ class Limits:
     max_rows: int = 10000
     suspended: bool = False
     pin_metrics: bool = False  # always give this tenant its own metrics label
+    max_concurrency: int = 0   # transactions in flight for the tenant; 0: no cap of its own
+    rate_per_s: float = 0.0    # token bucket refill; 0: no rate limit
+    burst: int = 1             # token bucket size (requests)
+    queue_timeout_ms: int = 2000
+    max_request_bytes: int = 1024 * 1024
+    weight: float = 1.0        # share of pool slots when tenants compete (weighted round-robin)
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +214,7 @@ class _Reader:
     def fail(self, path: str, message: str) -> None:
         self.problems.append(f"{path}: {message}")
 
-    def section(self, raw: Mapping[str, Any], key: str, allowed: set[str]) -> dict[str, Any]:
+    def section(self, raw: Mapping[str, Any], key: str, allowed: AbstractSet[str]) -> dict[str, Any]:
         value = raw.get(key)
         if value is None:
             return {}
@@ -216,7 +224,7 @@ class _Reader:
         self.unknown(value, allowed, key)
         return value
 
-    def unknown(self, raw: Mapping[str, Any], allowed: set[str], path: str) -> None:
+    def unknown(self, raw: Mapping[str, Any], allowed: AbstractSet[str], path: str) -> None:
         for k in raw:
             if k not in allowed:
                 self.fail(f"{path}.{k}" if path else str(k), f"unknown key (allowed: {', '.join(sorted(allowed))})")
@@ -260,6 +268,13 @@ class _Reader:
             return default
         return value
 
+    def number(self, raw: Mapping[str, Any], key: str, path: str, default: float, lo: float) -> float:
+        value = self.expand(raw.get(key, default), f"{path}.{key}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < lo:
+            self.fail(f"{path}.{key}", f"must be a number >= {lo:g}")
+            return default
+        return float(value)
+
     def fraction(self, raw: Mapping[str, Any], key: str, path: str, default: float) -> float:
         value = self.expand(raw.get(key, default), f"{path}.{key}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
@@ -277,7 +292,8 @@ class _Reader:
         return value
 
 
-_LIMIT_KEYS = {"statement_timeout_ms", "max_rows", "suspended", "pin_metrics"}
+LIMIT_KEYS = frozenset({"statement_timeout_ms", "max_rows", "suspended", "pin_metrics", "max_concurrency",
+                        "rate_per_s", "burst", "queue_timeout_ms", "max_request_bytes", "weight"})
 
 
 def _limits(r: _Reader, raw: Any, path: str, base: Limits) -> Limits:
@@ -286,13 +302,29 @@ def _limits(r: _Reader, raw: Any, path: str, base: Limits) -> Limits:
     if not isinstance(raw, dict):
         r.fail(path, "must be a mapping")
         return base
-    r.unknown(raw, _LIMIT_KEYS, path)
+    r.unknown(raw, LIMIT_KEYS, path)
+    rate = r.number(raw, "rate_per_s", path, base.rate_per_s, lo=0.0)
     return Limits(
         statement_timeout_ms=r.int_(raw, "statement_timeout_ms", path, base.statement_timeout_ms, lo=1),
         max_rows=r.int_(raw, "max_rows", path, base.max_rows, lo=1),
         suspended=r.bool_(raw, "suspended", path, base.suspended),
         pin_metrics=r.bool_(raw, "pin_metrics", path, base.pin_metrics),
+        max_concurrency=r.int_(raw, "max_concurrency", path, base.max_concurrency, lo=0),
+        rate_per_s=rate,
+        burst=r.int_(raw, "burst", path, max(base.burst, math.ceil(rate)), lo=1),
+        queue_timeout_ms=r.int_(raw, "queue_timeout_ms", path, base.queue_timeout_ms, lo=0),
+        max_request_bytes=r.int_(raw, "max_request_bytes", path, base.max_request_bytes, lo=64),
+        weight=r.number(raw, "weight", path, base.weight, lo=0.01),
     )
+
+
+def parse_limits(raw: Any, base: Limits, path: str = "limits") -> Limits:
+    """Validate one tenant's limit overrides (for the admin API); raise ConfigError."""
+    r = _Reader({})
+    limits = _limits(r, raw, path, base)
+    if r.problems:
+        raise ConfigError(r.problems)
+    return limits
 
 
 def _api_keys(r: _Reader, raw: Any, id_format: str) -> tuple[ApiKey, ...]:

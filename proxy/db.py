@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,10 @@ ISOLATION_LEVELS = {"read committed": "READ COMMITTED", "repeatable read": "REPE
 _CLIENT_TIMEOUT_MARGIN_S = 2.0
 _CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.ConnectionDoesNotExistError,
                       asyncpg.InterfaceError)
+
+
+# Exceptions that mean "the database refused or could not be reached" (for callers outside this module).
+DATABASE_ERRORS: tuple[type[Exception], ...] = (*_CONNECTION_ERRORS, asyncpg.PostgresError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +143,8 @@ class Database:
         self.pool: asyncpg.Pool | None = None
         self.waiting = 0
         self.timeouts = 0
+        # (finished at, pool wait, transaction time) of recent transactions, for /admin/pool.
+        self.recent: deque[tuple[float, float, float]] = deque(maxlen=20000)
 
     def stats(self) -> PoolStats:
         pool = self.pool
@@ -214,7 +221,9 @@ class Database:
         try:
             return await self._run(conn, prefix, commit, statements, client_timeout, max_rows)
         finally:
-            trace.db_s = time.perf_counter() - started
+            done = time.perf_counter()
+            trace.db_s = done - started
+            self.recent.append((time.monotonic(), trace.wait_s or 0.0, trace.db_s))
             await self.pool.release(conn)
 
     async def _run(self, conn: asyncpg.Connection, prefix: str, commit: str, statements: Sequence[Statement],
@@ -323,8 +332,3 @@ def _unavailable(exc: BaseException) -> ApiError:
 async def connect_direct(dsn: str, timeout_s: float = 10.0) -> asyncpg.Connection:
     """One plain connection (for the CLI's catalog reads); safe through PgBouncer."""
     return await asyncpg.connect(dsn, statement_cache_size=0, timeout=timeout_s)
-
-
-def database_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean "the database refused or could not be reached" (for the CLI)."""
-    return (*_CONNECTION_ERRORS, asyncpg.PostgresError)

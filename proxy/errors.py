@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -32,6 +33,7 @@ TENANT_REQUIRED = ErrorKind("tenant_required", 400)
 TENANT_FORBIDDEN = ErrorKind("tenant_forbidden", 403)
 TENANT_SUSPENDED = ErrorKind("tenant_suspended", 403)
 INVALID_REQUEST = ErrorKind("invalid_request", 400)
+CONFIG_INVALID = ErrorKind("config_invalid", 400)
 NOT_FOUND = ErrorKind("not_found", 404)
 METHOD_NOT_ALLOWED = ErrorKind("method_not_allowed", 405)
 UNSUPPORTED_MEDIA_TYPE = ErrorKind("unsupported_media_type", 415)
@@ -43,27 +45,31 @@ SERIALIZATION_FAILURE = ErrorKind("serialization_failure", 409, retryable=True)
 DEADLOCK_DETECTED = ErrorKind("deadlock_detected", 409, retryable=True)
 STATEMENT_TIMEOUT = ErrorKind("statement_timeout", 504)
 POOL_TIMEOUT = ErrorKind("pool_timeout", 503, retryable=True)
+RATE_LIMITED = ErrorKind("rate_limited", 429, retryable=True)
+CONCURRENCY_LIMITED = ErrorKind("concurrency_limited", 503, retryable=True)
 DATABASE_UNAVAILABLE = ErrorKind("database_unavailable", 503, retryable=True)
 SQL_ERROR = ErrorKind("sql_error", 400)
 SQL_ERROR_DATA = ErrorKind("sql_error", 422)
 INTERNAL = ErrorKind("internal", 500)
 
-ALL_KINDS = (UNAUTHENTICATED, TENANT_REQUIRED, TENANT_FORBIDDEN, TENANT_SUSPENDED, INVALID_REQUEST, NOT_FOUND,
+ALL_KINDS = (UNAUTHENTICATED, TENANT_REQUIRED, TENANT_FORBIDDEN, TENANT_SUSPENDED, INVALID_REQUEST, CONFIG_INVALID,
+             NOT_FOUND,
              METHOD_NOT_ALLOWED, UNSUPPORTED_MEDIA_TYPE, PAYLOAD_TOO_LARGE, STATEMENT_REJECTED, RLS_VIOLATION,
-             CONFLICT, SERIALIZATION_FAILURE, DEADLOCK_DETECTED, STATEMENT_TIMEOUT, POOL_TIMEOUT,
-             DATABASE_UNAVAILABLE, SQL_ERROR, SQL_ERROR_DATA, INTERNAL)
+             CONFLICT, SERIALIZATION_FAILURE, DEADLOCK_DETECTED, STATEMENT_TIMEOUT, POOL_TIMEOUT, RATE_LIMITED,
+             CONCURRENCY_LIMITED, DATABASE_UNAVAILABLE, SQL_ERROR, SQL_ERROR_DATA, INTERNAL)
 
 
 class ApiError(Exception):
     """An error that the middleware turns into the standard JSON error body."""
 
     def __init__(self, kind: ErrorKind, message: str, *, sqlstate: str | None = None,
-                 retry_after_s: int | None = None) -> None:
+                 retry_after_s: int | None = None, problems: list[str] | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.sqlstate = sqlstate
         self.retry_after_s = retry_after_s
+        self.problems = problems
 
 
 # Exact SQLSTATEs first, then two-character classes.
@@ -108,14 +114,13 @@ def from_sqlstate(sqlstate: str | None, message: str) -> ApiError:
     return ApiError(kind, message, sqlstate=state or None, retry_after_s=retry)
 
 
-def error_body(kind: ErrorKind, message: str, request_id: str, sqlstate: str | None = None) -> bytes:
-    return orjson.dumps({"error": {"code": kind.code, "message": message, "sqlstate": sqlstate,
-                                   "retryable": kind.retryable, "request_id": request_id}})
-
-
 def error_response(err: ApiError, request_id: str) -> web.Response:
+    body: dict[str, Any] = {"code": err.kind.code, "message": err.message, "sqlstate": err.sqlstate,
+            "retryable": err.kind.retryable, "request_id": request_id}
+    if err.problems is not None:
+        body["problems"] = err.problems
     headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s is not None else None
-    return web.Response(body=error_body(err.kind, err.message, request_id, err.sqlstate), status=err.kind.status,
+    return web.Response(body=orjson.dumps({"error": body}), status=err.kind.status,
                         content_type="application/json", headers=headers)
 
 

@@ -18,7 +18,7 @@ from aiohttp import web
 from .config import Limits
 from .db import ISOLATION_LEVELS, Result, Statement
 from .encode import dumps
-from .errors import INVALID_REQUEST, STATEMENT_REJECTED, ApiError
+from .errors import INVALID_REQUEST, PAYLOAD_TOO_LARGE, STATEMENT_REJECTED, ApiError
 from .keys import GATEWAY, TRACE
 from .tenancy import Tenant, resolve
 
@@ -35,8 +35,12 @@ class Options:
     row_format: str
 
 
-async def _read_json(request: web.Request) -> dict[str, Any]:
+async def _read_json(request: web.Request, max_bytes: int) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise ApiError(PAYLOAD_TOO_LARGE, f"request body over this tenant's limit of {max_bytes} bytes")
     raw = await request.read()
+    if len(raw) > max_bytes:
+        raise ApiError(PAYLOAD_TOO_LARGE, f"request body over this tenant's limit of {max_bytes} bytes")
     if not raw:
         raise ApiError(INVALID_REQUEST, "the request body must be a JSON object")
     try:
@@ -147,7 +151,7 @@ async def _execute(request: web.Request, batch: bool) -> web.Response:
     trace.tenant = tenant.id
     t1 = time.perf_counter()
     trace.auth_s = t1 - t0
-    body = await _read_json(request)
+    body = await _read_json(request, tenant.limits.max_request_bytes)
     parts, opts = (parse_transaction if batch else parse_query)(body, tenant.limits)
     t2 = time.perf_counter()
     statements = []
@@ -158,13 +162,14 @@ async def _execute(request: web.Request, batch: bool) -> web.Response:
             raise ApiError(STATEMENT_REJECTED, verdict.rejection)
         statements.append(Statement(sql, params, verdict.command))
     trace.guard_s = time.perf_counter() - t2
-    gw.metrics.enter(tenant.id)
+    slot_wait = await gw.scheduler.admit(tenant.id, tenant.limits)
     try:
         results = await gw.database.run_in_tenant_tx(
             tenant.id, statements, read_only=opts.read_only, isolation=opts.isolation,
             timeout_ms=opts.timeout_ms, max_rows=opts.max_rows, trace=trace)
     finally:
-        gw.metrics.leave(tenant.id)
+        gw.scheduler.release(tenant.id)
+        trace.wait_s = slot_wait + (trace.wait_s or 0.0)
     t3 = time.perf_counter()
     trace.rows = sum(len(r.rows) for r in results)
     rendered = [render(r, opts.row_format) for r in results]

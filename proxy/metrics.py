@@ -39,6 +39,11 @@ _REFRESH_S = 1.0
 _RECENT = 512  # latencies kept per labelled tenant for the admin quantiles
 
 
+def _sketch(cfg: MetricsConfig) -> HeavyHitters:
+    return HeavyHitters(window_s=cfg.hotspot_window_s, capacity=max(64, 4 * cfg.tenant_label_limit),
+                        hot_share=cfg.hotspot_share)
+
+
 def _quantile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -50,7 +55,8 @@ class Metrics:
     """Declares the metrics on its own registry and records one request at a time."""
 
     def __init__(self, cfg: MetricsConfig, version: str, pinned: frozenset[str],
-                 pools: Callable[[], list[PoolStats]], clock: Callable[[], float] = time.monotonic) -> None:
+                 pools: Callable[[], list[PoolStats]], inflight: Callable[[], dict[str, int]],
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self.pinned = pinned
         self.clock = clock
@@ -74,18 +80,30 @@ class Metrics:
                               f"Requests recorded under tenant=\"{OTHER}\" instead of their own label", registry=r)
         self.reloads = Counter("tenant_proxy_config_reloads", "Config reloads by result", ["result"], registry=r)
         Gauge("tenant_proxy_build_info", "Gateway version", ["version"], registry=r).labels(version).set(1)
-        Gauge("tenant_proxy_tenant_label_limit", "Most tenants with their own label", registry=r).set(
-            cfg.tenant_label_limit)
-        self.hot = HeavyHitters(window_s=cfg.hotspot_window_s, capacity=max(64, 4 * cfg.tenant_label_limit),
-                                hot_share=cfg.hotspot_share)
+        self._label_limit = Gauge("tenant_proxy_tenant_label_limit", "Most tenants with their own label",
+                                  registry=r)
+        self._label_limit.set(cfg.tenant_label_limit)
+        self.hot = _sketch(cfg)
+        self._labelled = choose_labelled((), pinned, cfg.tenant_label_limit)
+        self._next_refresh = 0.0
         self.pgbouncer: Snapshot | None = None
         self._pools = pools
-        self._labelled: frozenset[str] = choose_labelled((), pinned, cfg.tenant_label_limit)
-        self._next_refresh = 0.0
         self._series: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
-        self._inflight: dict[str, int] = {}
+        self._inflight = inflight
         self._recent: dict[str, deque[tuple[float, float]]] = {}
         r.register(_Collector(self))
+
+    def configure(self, cfg: MetricsConfig, pinned: frozenset[str]) -> None:
+        """Apply reloaded metrics settings.  Series and counters carry on; a changed window
+        or label limit starts a fresh hotspot sketch, and the labelled set is recomputed now."""
+        if (cfg.hotspot_window_s, cfg.tenant_label_limit) != (self.cfg.hotspot_window_s, self.cfg.tenant_label_limit):
+            self.hot = _sketch(cfg)
+        self.hot.hot_share = cfg.hotspot_share
+        self.cfg = cfg
+        self.pinned = pinned
+        self._label_limit.set(cfg.tenant_label_limit)
+        self._next_refresh = 0.0
+        self._refresh(self.clock())
 
     # -- labels -------------------------------------------------------------------
     def label(self, tenant: str | None) -> str:
@@ -119,16 +137,6 @@ class Metrics:
         return metric.labels(*labels)
 
     # -- recording ----------------------------------------------------------------
-    def enter(self, tenant: str) -> None:
-        self._inflight[tenant] = self._inflight.get(tenant, 0) + 1
-
-    def leave(self, tenant: str) -> None:
-        n = self._inflight.get(tenant, 0) - 1
-        if n > 0:
-            self._inflight[tenant] = n
-        else:
-            self._inflight.pop(tenant, None)
-
     def observe(self, trace: RequestTrace, status: int, duration_s: float, request_id: str) -> None:
         """Record one finished request (called once, by the middleware)."""
         now = self.clock()
@@ -169,7 +177,7 @@ class Metrics:
             "latency_p50_s_recent": _quantile(latencies, 0.5),
             "latency_p99_s_recent": _quantile(latencies, 0.99),
             "pool_wait_p99_s_recent": _quantile(waits, 0.99),
-            "inflight": self._inflight.get(load.tenant, 0),
+            "inflight": self._inflight().get(load.tenant, 0),
             "hot": load.hot,
         }
 
@@ -207,7 +215,7 @@ class _Collector:
         yield hot
         inflight = GaugeMetricFamily("tenant_proxy_inflight_requests", "Requests in progress", labels=["tenant"])
         totals: dict[str, int] = {}
-        for tenant, n in m._inflight.items():
+        for tenant, n in m._inflight().items():
             label = m.label(tenant)
             totals[label] = totals.get(label, 0) + n
         for label, n in sorted(totals.items()):

@@ -31,7 +31,7 @@ def test_promtool_accepts_config_and_rules() -> None:
 
 def _exported_names() -> set[str]:
     m = Metrics(MetricsConfig(), "test", frozenset(),
-                lambda: [PoolStats(name="primary", size=2, idle=1, max=20, waiting=0, timeouts=0)])
+                lambda: [PoolStats(name="primary", size=2, idle=1, max=20, waiting=0, timeouts=0)], lambda: {})
     m.observe(RequestTrace(endpoint="/v1/query", tenant="t", wait_s=0.001, db_s=0.001), 200, 0.002, "r")
     m.observe(RequestTrace(endpoint="/v1/query", error_code="unauthenticated"), 401, 0.001, "r")
     names = set(re.findall(r"^([a-z_]+)[{ ]", m.exposition(None)[0].decode(), re.M))

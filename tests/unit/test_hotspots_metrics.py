@@ -82,7 +82,7 @@ def _observe(m: Metrics, tenant: str, db_s: float = 0.01, status: int = 200, cod
 def test_labels_are_bounded_and_dropped_tenants_leave_no_series() -> None:
     clock = Clock()
     m = Metrics(MetricsConfig(tenant_label_limit=3, hotspot_window_s=10), "test", frozenset({"pin"}), lambda: [],
-                clock=clock)
+                lambda: {}, clock=clock)
     for t in ("a", "b", "c", "d"):
         for _ in range({"a": 10, "b": 5, "c": 1, "d": 1}[t]):
             _observe(m, t)
@@ -108,7 +108,7 @@ def test_labels_are_bounded_and_dropped_tenants_leave_no_series() -> None:
 
 
 def test_rejections_and_openmetrics_exemplars() -> None:
-    m = Metrics(MetricsConfig(tenant_label_limit=5), "test", frozenset({"x"}), lambda: [])
+    m = Metrics(MetricsConfig(tenant_label_limit=5), "test", frozenset({"x"}), lambda: [], lambda: {})
     m.observe(RequestTrace(endpoint="/v1/query", error_code="unauthenticated"), 401, 0.001, "req-1")
     m.observe(RequestTrace(endpoint="/v1/query", tenant="x", error_code="statement_rejected"), 400, 0.001, "req-2")
     text = m.exposition(None)[0].decode()

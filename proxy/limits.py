@@ -1,0 +1,220 @@
+"""Per-tenant rates and concurrency, and fair access to the pool's transaction slots.
+
+``Scheduler.admit(tenant, limits)`` is the door to the database path:
+
+1. **Rate**: a token bucket per tenant (``rate_per_s`` tokens a second, up to
+   ``burst``).  Empty: 429 ``rate_limited`` with ``Retry-After`` (when a token will be
+   there).
+2. **Slot**: the gateway lends at most ``slots`` transactions at a time (the pool
+   size), and each tenant at most ``max_concurrency`` of them.  A request that cannot
+   have one waits in its tenant's FIFO queue.  Freed slots go to the waiting tenants
+   in **weighted round-robin** (deficit round-robin, one transaction = one unit,
+   quantum = ``weight``), never first-come-first-served, so a tenant with 500 queued
+   requests delays a tenant with one queued request by about one transaction.
+3. A waiter queued behind its tenant's ``max_concurrency`` gets 503
+   ``concurrency_limited`` after ``queue_timeout_ms``; one queued because every slot was
+   busy gets 503 ``pool_timeout`` after the pool's ``acquire_timeout_ms``; both carry
+   ``Retry-After``.
+
+Memory: one small record per tenant that is active or whose bucket is refilling;
+idle records are dropped.  Single-threaded: runs on the event loop, no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Limits
+from .db import PoolStats
+from .errors import CONCURRENCY_LIMITED, POOL_TIMEOUT, RATE_LIMITED, ApiError
+
+
+@dataclass(slots=True)
+class _Tenant:
+    tokens: float
+    stamp: float
+    inflight: int = 0
+    queue: deque[tuple[asyncio.Future[None], Limits]] = field(default_factory=deque)
+    deficit: float = 0.0
+    full_after: float = 0.0  # seconds after `stamp` at which the bucket is full again
+
+
+class Scheduler:
+    """Admission for all tenants of one gateway; ``slots`` is the transaction budget."""
+
+    def __init__(self, slots: int, acquire_timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.slots = slots
+        self.acquire_timeout_s = acquire_timeout_s
+        self.busy = 0
+        self.clock = clock
+        self._tenants: dict[str, _Tenant] = {}
+        self._ring: deque[str] = deque()  # tenants with waiters, in service order
+        self._next_prune = 0.0
+
+    def resize(self, slots: int, acquire_timeout_s: float) -> None:
+        """Change the transaction budget (config reload); waiters are served if it grew."""
+        self.slots = slots
+        self.acquire_timeout_s = acquire_timeout_s
+        self._dispatch()
+
+    def inflight(self) -> dict[str, int]:
+        """Transactions in flight per tenant (tenants with none are left out)."""
+        return {tenant: t.inflight for tenant, t in self._tenants.items() if t.inflight}
+
+    def waiting(self) -> int:
+        return sum(len(t.queue) for t in self._tenants.values())
+
+    def _state(self, tenant: str, limits: Limits, now: float) -> _Tenant:
+        t = self._tenants.get(tenant)
+        if t is None:
+            t = self._tenants[tenant] = _Tenant(tokens=float(limits.burst), stamp=now)
+        return t
+
+    def _take_token(self, tenant: str, t: _Tenant, limits: Limits, now: float) -> None:
+        if limits.rate_per_s <= 0:
+            return
+        t.tokens = min(float(limits.burst), t.tokens + (now - t.stamp) * limits.rate_per_s)
+        t.stamp = now
+        if t.tokens < 1.0:
+            wait = (1.0 - t.tokens) / limits.rate_per_s
+            raise ApiError(RATE_LIMITED, f"over the tenant's rate limit of {limits.rate_per_s:g} requests/s",
+                           retry_after_s=max(1, math.ceil(wait)))
+        t.tokens -= 1.0
+        t.full_after = (limits.burst - t.tokens) / limits.rate_per_s
+
+    def _prune(self, now: float) -> None:
+        """Drop idle tenants whose bucket has refilled: they would start afresh anyway."""
+        self._next_prune = now + 1.0
+        for tenant, t in list(self._tenants.items()):
+            if t.inflight or t.queue:
+                continue
+            if t.stamp + t.full_after <= now:
+                del self._tenants[tenant]
+
+    async def admit(self, tenant: str, limits: Limits) -> float:
+        """Wait for a slot; return the seconds spent waiting.  Pair with ``release``."""
+        now = self.clock()
+        if now >= self._next_prune:
+            self._prune(now)
+        t = self._state(tenant, limits, now)
+        self._take_token(tenant, t, limits, now)
+        if not t.queue and self._can_start(t, limits):
+            self._start(t)
+            return 0.0
+        # Queued behind its own cap: the tenant's queue timeout.  Behind a full pool: the pool's.
+        capped = _at_cap(t, limits)
+        timeout_s = limits.queue_timeout_ms / 1000 if capped else self.acquire_timeout_s
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        t.queue.append((future, limits))
+        if tenant not in self._ring:
+            self._ring.append(tenant)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except TimeoutError:
+            if future.done() and not future.cancelled():
+                return self.clock() - now  # granted at the deadline: keep the slot
+            self._forget(tenant, t, future)
+            if capped or _at_cap(t, limits):
+                raise ApiError(CONCURRENCY_LIMITED, "too many requests in flight for this tenant",
+                               retry_after_s=1) from None
+            raise ApiError(POOL_TIMEOUT, "no database slot became free in time", retry_after_s=1) from None
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release(tenant)
+            else:
+                self._forget(tenant, t, future)
+            raise
+        return self.clock() - now
+
+    def release(self, tenant: str) -> None:
+        t = self._tenants.get(tenant)
+        if t is not None:
+            t.inflight -= 1
+        self.busy -= 1
+        self._dispatch()
+
+    def _can_start(self, t: _Tenant, limits: Limits) -> bool:
+        return self.busy < self.slots and not _at_cap(t, limits)
+
+    def _start(self, t: _Tenant) -> None:
+        t.inflight += 1
+        self.busy += 1
+
+    def _forget(self, tenant: str, t: _Tenant, future: asyncio.Future[None]) -> None:
+        t.queue = deque(item for item in t.queue if item[0] is not future)
+        if not t.queue and tenant in self._ring:
+            self._ring.remove(tenant)
+            t.deficit = 0.0
+
+    def _dispatch(self) -> None:
+        """Hand free slots to waiting tenants, deficit round-robin by weight."""
+        blocked = 0
+        while self.busy < self.slots and self._ring and blocked < len(self._ring):
+            tenant = self._ring[0]
+            t = self._tenants[tenant]
+            while t.queue and t.queue[0][0].done():  # cancelled waiters
+                t.queue.popleft()
+            if not t.queue:
+                self._ring.popleft()
+                t.deficit = 0.0
+                continue
+            future, limits = t.queue[0]
+            if _at_cap(t, limits):
+                self._ring.rotate(-1)
+                blocked += 1
+                continue
+            if t.deficit < 1.0:
+                t.deficit += limits.weight
+                if t.deficit < 1.0:
+                    self._ring.rotate(-1)
+                    continue
+            t.queue.popleft()
+            t.deficit -= 1.0
+            self._start(t)
+            future.set_result(None)
+            blocked = 0
+            if not t.queue:
+                self._ring.popleft()
+                t.deficit = 0.0
+            elif t.deficit < 1.0:
+                self._ring.rotate(-1)
+
+
+def _at_cap(t: _Tenant, limits: Limits) -> bool:
+    return 0 < limits.max_concurrency <= t.inflight
+
+
+def pool_report(stats: PoolStats, recent: Iterable[tuple[float, float, float]], now: float, window_s: float,
+                headroom: float = 1.5) -> dict[str, Any]:
+    """Pool figures over the window and a size from Little's law: in flight = rate x time in system."""
+    rows = [(wait, tx) for finished, wait, tx in recent if finished >= now - window_s]
+    waits = sorted(w for w, _ in rows)
+    busy_s = sum(tx for _, tx in rows)
+    throughput = len(rows) / window_s
+    mean_tx = busy_s / len(rows) if rows else 0.0
+    in_flight = throughput * mean_tx
+    return {
+        "pool": stats.name,
+        "size": stats.size,
+        "max": stats.max,
+        "in_use": stats.size - stats.idle,
+        "waiting": stats.waiting,
+        "timeouts_total": stats.timeouts,
+        "acquire_wait_p50_s": _pick(waits, 0.5),
+        "acquire_wait_p99_s": _pick(waits, 0.99),
+        "utilisation": round(busy_s / (window_s * stats.max), 4) if stats.max else None,
+        "recommended_size": max(2, math.ceil(in_flight * headroom)),
+        "inputs": {"window_s": window_s, "transactions": len(rows), "throughput_per_s": round(throughput, 2),
+                   "mean_transaction_s": round(mean_tx, 6), "mean_in_flight": round(in_flight, 3),
+                   "headroom": headroom},
+    }
+
+
+def _pick(ordered: list[float], q: float) -> float | None:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
