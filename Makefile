@@ -35,3 +35,4 @@ clean:
 # Benchmarks (not part of `make test`): each writes its figures to benchmarks/RESULTS.md.
 bench: setup
 	$(BIN)/python -m benchmarks.metrics_scrape
+	$(BIN)/python -m benchmarks.noisy_neighbour

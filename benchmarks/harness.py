@@ -77,3 +77,48 @@ def run(coro: Any) -> Any:
     import uvloop
 
     return uvloop.run(coro) if hasattr(uvloop, "run") else asyncio.run(coro)
+
+
+@contextlib.contextmanager
+def gateway_process(stack: LocalStack, workdir: Path, **overrides: Any) -> Iterator[tuple[int, int]]:
+    """Run `tenant-proxy serve` in its own process (so the load generator does not share its
+    event loop or core); yields (port, admin_port)."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import yaml
+
+    from proxy.devstack import free_port
+
+    port, admin_port = free_port(), free_port()
+    raw: dict[str, Any] = {
+        "server": {"port": port, "admin_port": admin_port},
+        # steady state: every connection opened up front (a new one costs a SCRAM exchange)
+        "database": {"dsn": stack.gateway_dsn, "pool_min_size": 20, "pool_max_size": 20},
+        "auth": {"api_keys": [{"name": "bench", "sha256": hash_key(BENCH_KEY), "tenants": ["*"]}]},
+        "logging": {"access_log": False, "level": "WARNING"},
+    }
+    for key, value in overrides.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    config = workdir / f"gateway-{port}.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config)])
+    try:
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.1)
+        yield port, admin_port
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
