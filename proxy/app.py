@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -18,11 +19,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from . import __version__, admin, handlers
+from . import __version__, admin, handlers, idempotency
 from .auth import Authenticator
 from .config import ConfigError, Limits, LoggingConfig, Settings, load_config
-from .db import DATABASE_ERRORS, Database, PoolStats, RoleCanBypassRls
-from .errors import error_middleware
+from .db import DATABASE_ERRORS, Database, PoolStats, RoleCanBypassRls, Statement, TxRequest
+from .errors import ApiError, error_middleware
 from .guard import Guard
 from .keys import GATEWAY, REQUEST_ID, TRACE
 from .limits import Scheduler
@@ -65,7 +66,10 @@ class Gateway:
     overrides: dict[str, Limits] = field(default_factory=dict)
     draining: bool = False
     runners: list[web.AppRunner] = field(default_factory=list)
+    # Tenants that sent Idempotency-Keys, with when they last did: whose expired keys to purge.
+    idempotent_tenants: dict[str, float] = field(default_factory=dict)
     _closing: set[asyncio.Task[None]] = field(default_factory=set)
+    _purger: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
         s = self.runtime.settings
@@ -118,7 +122,39 @@ class Gateway:
         self.runtime = dataclasses.replace(
             self.runtime, settings=dataclasses.replace(settings, tenants={**settings.tenants, tenant: limits}))
 
+    async def purge_idempotency_keys(self) -> int:
+        """Delete expired idempotency records, tenant by tenant under each tenant's RLS context."""
+        retention = self.runtime.settings.idempotency.retention_s
+        now = time.monotonic()
+        deleted = 0
+        for tenant, last_seen in list(self.idempotent_tenants.items()):
+            purge = Statement(idempotency.PURGE_SQL, [retention], "DELETE")
+            tx = TxRequest(tenant_id=tenant, statements=[purge], read_only=False, isolation=None,
+                           timeout_ms=30_000, max_rows=1)
+            outcome = await self.database.run_in_tenant_tx(tx, RequestTrace(endpoint="purge"))
+            deleted += outcome.results[0].row_count
+            if last_seen + retention < now:  # every key it wrote has now expired and gone
+                del self.idempotent_tenants[tenant]
+        return deleted
+
+    async def _purge_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.runtime.settings.idempotency.purge_interval_s)
+            try:
+                deleted = await self.purge_idempotency_keys()
+            except ApiError as exc:
+                log.warning("idempotency purge failed: %s", exc.message)
+            else:
+                log.debug("idempotency purge deleted %d expired keys", deleted)
+
+    def start_background(self) -> None:
+        self._purger = asyncio.create_task(self._purge_forever())
+
     async def close(self) -> None:
+        if self._purger is not None:
+            self._purger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._purger
         await self.database.close()
         if self._closing:
             await asyncio.gather(*self._closing)
@@ -227,11 +263,15 @@ async def start_gateway(settings: Settings, config_path: Path | None = None,
                       scheduler=Scheduler(settings.database.pool_max_size, settings.database.acquire_timeout_ms / 1000),
                       config_path=config_path,
                       env=env or {})
+    gateway.start_background()
     data_app, admin_app = create_apps(gateway)
     ports = []
     for app, host, port in ((data_app, settings.server.host, settings.server.port),
                             (admin_app, settings.server.admin_host, settings.server.admin_port)):
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.server.shutdown_timeout_s)
+        # handler_cancellation: a client that hangs up cancels its request, and with it the
+        # statement on the server (the connection is closed, never reused mid-query).
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.server.shutdown_timeout_s,
+                               handler_cancellation=True)
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()

@@ -61,6 +61,7 @@ class ServerConfig:
     admin_port: int = 9090
     max_request_bytes: int = 1024 * 1024
     shutdown_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0  # the whole request body must arrive within this
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +137,12 @@ class GuardConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class IdempotencyConfig:
+    retention_s: int = 86400      # a key answers retries this long
+    purge_interval_s: int = 300   # how often expired keys are deleted
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsConfig:
     tenant_label_limit: int = 50
     hotspot_window_s: int = 60
@@ -159,6 +166,7 @@ class Settings:
     auth: AuthConfig = field(default_factory=AuthConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
@@ -187,6 +195,7 @@ class Settings:
             },
             "guard": {k: sorted(v) if isinstance(v, frozenset) else v for k, v in _asdict(self.guard).items()},
             "metrics": _asdict(self.metrics),
+            "idempotency": _asdict(self.idempotency),
             "logging": _asdict(self.logging),
         }
 
@@ -451,11 +460,11 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
     r = _Reader(env)
     if not isinstance(raw, dict):
         raise ConfigError(["(top level): must be a mapping"])
-    r.unknown(raw, {"server", "database", "tenancy", "defaults", "tenants", "auth", "guard", "metrics", "logging"},
-              "")
+    r.unknown(raw, {"server", "database", "tenancy", "defaults", "tenants", "auth", "guard", "metrics", "idempotency",
+                    "logging"}, "")
 
     s = r.section(raw, "server", {"host", "port", "admin_host", "admin_port", "max_request_bytes",
-                                  "shutdown_timeout_s"})
+                                  "shutdown_timeout_s", "body_timeout_s"})
     server = ServerConfig(
         host=r.str_(s, "host", "server", default="127.0.0.1") or "127.0.0.1",
         port=r.int_(s, "port", "server", 8080, lo=0, hi=65535),
@@ -463,6 +472,7 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
         admin_port=r.int_(s, "admin_port", "server", 9090, lo=0, hi=65535),
         max_request_bytes=r.int_(s, "max_request_bytes", "server", 1024 * 1024, lo=1024),
         shutdown_timeout_s=float(r.int_(s, "shutdown_timeout_s", "server", 10, lo=0, hi=3600)),
+        body_timeout_s=r.number(s, "body_timeout_s", "server", 10.0, lo=0.1),
     )
     if server.port and server.port == server.admin_port and server.host == server.admin_host:
         r.fail("server.admin_port", "must differ from server.port")
@@ -537,6 +547,10 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
         hotspot_share=r.fraction(m, "hotspot_share", "metrics", 0.25),
     )
 
+    i = r.section(raw, "idempotency", {"retention_s", "purge_interval_s"})
+    idem = IdempotencyConfig(retention_s=r.int_(i, "retention_s", "idempotency", 86400, lo=1),
+                             purge_interval_s=r.int_(i, "purge_interval_s", "idempotency", 300, lo=1))
+
     lg = r.section(raw, "logging", {"level", "access_log", "access_sample"})
     level = (r.str_(lg, "level", "logging", default="INFO") or "INFO").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -547,7 +561,7 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
     if r.problems:
         raise ConfigError(r.problems)
     return Settings(database=database, server=server, tenancy=tenancy, defaults=defaults, tenants=tenants,
-                    auth=auth, guard=guard, metrics=metrics, logging=logging)
+                    auth=auth, guard=guard, metrics=metrics, idempotency=idem, logging=logging)
 
 
 def load_config(path: str | Path, env: Mapping[str, str]) -> Settings:

@@ -18,13 +18,14 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import orjson
 
+from . import idempotency
 from .audit import Finding, audit_role
 from .config import DatabaseConfig
 from .encode import convert_params, type_label
@@ -69,6 +70,29 @@ class PoolStats:
     max: int
     waiting: int
     timeouts: int
+
+
+@dataclass(frozen=True, slots=True)
+class TxRequest:
+    """One request's transaction: the tenant, its statements and the limits it runs under."""
+
+    tenant_id: str
+    statements: Sequence[Statement]
+    read_only: bool
+    isolation: str | None
+    timeout_ms: int
+    max_rows: int
+    # With an idempotency claim, the response is rendered inside the transaction and
+    # stored with it, so ``render`` is required then.
+    claim: idempotency.Claim | None = None
+    render: Callable[[list[Result]], bytes] | None = None
+
+
+@dataclass(slots=True)
+class Outcome:
+    results: list[Result]
+    body: bytes | None = None                 # rendered inside the transaction (idempotent requests)
+    replay: idempotency.Replay | None = None  # the stored answer to an earlier identical request
 
 
 @dataclass(slots=True)
@@ -186,24 +210,22 @@ class Database:
         except (TimeoutError, *_CONNECTION_ERRORS, asyncpg.PostgresError):
             return False
 
-    async def run_in_tenant_tx(self, tenant_id: str, statements: Sequence[Statement], *, read_only: bool,
-                               isolation: str | None, timeout_ms: int, max_rows: int,
-                               trace: RequestTrace) -> list[Result]:
-        """Run ``statements`` in one transaction confined to ``tenant_id``; all or nothing."""
+    async def run_in_tenant_tx(self, tx: TxRequest, trace: RequestTrace) -> Outcome:
+        """Run ``tx.statements`` in one transaction confined to ``tx.tenant_id``; all or nothing."""
         assert self.pool is not None
         prefix = "BEGIN"
-        if isolation is not None:
-            prefix += " ISOLATION LEVEL " + ISOLATION_LEVELS[isolation]
-        if read_only:
+        if tx.isolation is not None:
+            prefix += " ISOLATION LEVEL " + ISOLATION_LEVELS[tx.isolation]
+        if tx.read_only:
             prefix += " READ ONLY"
-        quoted = _quote_literal(tenant_id)
-        prefix += f"; SET LOCAL {self.guc} = {quoted}; SET LOCAL statement_timeout = {int(timeout_ms)}"
+        quoted = _quote_literal(tx.tenant_id)
+        prefix += f"; SET LOCAL {self.guc} = {quoted}; SET LOCAL statement_timeout = {int(tx.timeout_ms)}"
         # The pool wall: COMMIT only if the tenant setting is still the one we set.  A
         # mismatch divides by zero, which aborts the transaction before COMMIT runs, in
         # the same round trip as the COMMIT itself.
         commit = (f"SELECT 1 / (pg_catalog.current_setting('{self.guc}', true) IS NOT DISTINCT FROM {quoted})::int"
                   "; COMMIT")
-        client_timeout = timeout_ms / 1000 + _CLIENT_TIMEOUT_MARGIN_S
+        client_timeout = tx.timeout_ms / 1000 + _CLIENT_TIMEOUT_MARGIN_S
 
         started = time.perf_counter()
         self.waiting += 1
@@ -219,18 +241,28 @@ class Database:
             trace.wait_s = time.perf_counter() - started
         started = time.perf_counter()
         try:
-            return await self._run(conn, prefix, commit, statements, client_timeout, max_rows)
+            return await self._run(conn, tx, prefix, commit, client_timeout)
         finally:
             done = time.perf_counter()
             trace.db_s = done - started
             self.recent.append((time.monotonic(), trace.wait_s or 0.0, trace.db_s))
-            await self.pool.release(conn)
+            await _release(self.pool, conn)
 
-    async def _run(self, conn: asyncpg.Connection, prefix: str, commit: str, statements: Sequence[Statement],
-                   client_timeout: float, max_rows: int) -> list[Result]:
+    async def _run(self, conn: asyncpg.Connection, tx: TxRequest, prefix: str, commit: str,
+                   client_timeout: float) -> Outcome:
         try:
             await conn.execute(prefix, timeout=client_timeout)
-            results = [await _one(conn, st, client_timeout, max_rows) for st in statements]
+            if tx.claim is not None:
+                replay = await _claim(conn, tx.tenant_id, tx.claim, client_timeout)
+                if replay is not None:
+                    await _rollback(conn)
+                    return Outcome(results=[], replay=replay)
+            results = [await _one(conn, st, client_timeout, tx.max_rows) for st in tx.statements]
+            body = None
+            if tx.claim is not None:
+                assert tx.render is not None
+                body = tx.render(results)
+                await conn.execute(idempotency.STORE_SQL, tx.claim.key, 200, body, timeout=client_timeout)
             if not conn.is_in_transaction():
                 # The caller ended the gateway's transaction: the rest would run outside the tenant.
                 _terminate(conn)
@@ -241,7 +273,7 @@ class Database:
                 await _rollback(conn)
                 _terminate(conn)
                 raise _Closed(ApiError(STATEMENT_REJECTED, "the statement changed the tenant setting")) from None
-            return results
+            return Outcome(results=results, body=body)
         except _Closed as closed:
             raise closed.error from None
         except asyncpg.PostgresError as exc:
@@ -264,9 +296,24 @@ class Database:
         except _CONNECTION_ERRORS as exc:
             _terminate(conn)
             raise _unavailable(exc) from None
+        except asyncio.CancelledError:
+            # The client hung up.  asyncpg has sent PostgreSQL a cancel request for the
+            # running statement; releasing the connection waits for it, then rolls back.
+            raise
         except BaseException:
             _terminate(conn)
             raise
+
+
+async def _claim(conn: asyncpg.Connection, tenant_id: str, claim: idempotency.Claim,
+                 timeout: float) -> idempotency.Replay | None:
+    row = await conn.fetchrow(idempotency.CLAIM_SQL, tenant_id, claim.key, claim.request_hash, claim.retention_s,
+                              timeout=timeout)
+    replay = idempotency.decide(claim, row["got"], row["claimed"], row["request_hash"], row["status"],
+                                row["response"], row["expired"])
+    if replay is None and not row["claimed"] and row["request_hash"] is not None:
+        await conn.execute(idempotency.RECLAIM_SQL, claim.key, claim.request_hash, timeout=timeout)
+    return replay
 
 
 class _Closed(Exception):
@@ -303,6 +350,18 @@ def _describe(t: Any) -> tuple[str, str, str | None]:
         # asyncpg names built-in arrays "int4[]" and introspected ones after pg_type ("_my_enum").
         element = t.name[:-2] if t.name.endswith("[]") else t.name.removeprefix("_")
     return t.name, t.kind, element
+
+
+async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+    """Hand a connection back (asyncpg shields this from cancellation itself).
+
+    When the server side dies at that very moment, asyncpg's connection-lost callback
+    can free the holder between release's own check and its shielded task: the
+    connection is already gone from the pool then, which is all release would do."""
+    try:
+        await pool.release(conn)
+    except asyncpg.InternalClientError as exc:
+        log.warning("connection already returned to the pool: %s", exc)
 
 
 def _terminate(conn: asyncpg.Connection) -> None:

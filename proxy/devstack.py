@@ -3,7 +3,9 @@
 Used by ``tenant-proxy dev`` (``make run``) and by the test fixtures.  PostgreSQL
 refuses to run as root, so when started as root every server process runs as the
 ``postgres`` user.  PgBouncer's config is the top-level ``pgbouncer.ini`` with only
-ports, paths and (for tests) the pool size substituted.
+ports, paths and (for tests) the pool size substituted: clients other than PgBouncer's own
+users are looked up with its auth_query (deploy/sql/004_pgbouncer_auth.sql), as in
+production.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ PGBOUNCER_INI = REPO / "pgbouncer.ini"
 DATABASE = "appdb"
 APP_USER, APP_PASSWORD = "app", "secret"
 SUPERUSER, SUPERUSER_PASSWORD = "postgres", "postgres-dev-only"
+# pgbouncer.ini's auth_user, which runs auth_query; its password is the one auth_file keeps.
+AUTH_USER, AUTH_PASSWORD = "pgbouncer_auth", "pgbouncer-auth-dev-only"
 
 DEMO_BANNER = """
 pg-tenant-proxy is running (demo data: tenants acme and globex).
@@ -200,6 +204,7 @@ log_min_messages = warning
         for path in sorted(SQL_DIR.glob("*.sql")):
             self.psql(file=path)
         self.psql(f"ALTER ROLE {APP_USER} PASSWORD '{APP_PASSWORD}'")
+        self.psql(f"ALTER ROLE {AUTH_USER} PASSWORD '{AUTH_PASSWORD}'")
 
     def load_demo(self) -> None:
         self.psql(file=DEMO_SQL)
@@ -207,7 +212,9 @@ log_min_messages = warning
     def _start_bouncer(self) -> None:
         ini = self.root / "pgbouncer.ini"
         userlist = self.root / "userlist.txt"
-        self._write_as_owner(userlist, f'"{APP_USER}" "{APP_PASSWORD}"\n"{SUPERUSER}" "{SUPERUSER_PASSWORD}"\n')
+        # Only PgBouncer's own users: auth_user, and the superuser as the stats user.  The
+        # gateway's role is found through auth_query, so its secret lives in PostgreSQL only.
+        self._write_as_owner(userlist, f'"{AUTH_USER}" "{AUTH_PASSWORD}"\n"{SUPERUSER}" "{SUPERUSER_PASSWORD}"\n')
         values = {
             "listen_addr": "127.0.0.1",
             "listen_port": str(self.bouncer_port),
@@ -248,6 +255,11 @@ log_min_messages = warning
                 self._bouncer.kill()
                 self._bouncer.wait()
         self._bouncer = None
+
+    def restart_postgres(self) -> None:
+        """Restart PostgreSQL (fast shutdown), as a failover or an upgrade would."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "postgresql.log"),
+                  "-m", "fast", "-w", "-t", "60", "restart")
 
     def stop(self) -> None:
         self.stop_bouncer()

@@ -38,9 +38,12 @@ NOT_FOUND = ErrorKind("not_found", 404)
 METHOD_NOT_ALLOWED = ErrorKind("method_not_allowed", 405)
 UNSUPPORTED_MEDIA_TYPE = ErrorKind("unsupported_media_type", 415)
 PAYLOAD_TOO_LARGE = ErrorKind("payload_too_large", 413)
+REQUEST_TIMEOUT = ErrorKind("request_timeout", 408)
 STATEMENT_REJECTED = ErrorKind("statement_rejected", 400)
 RLS_VIOLATION = ErrorKind("rls_violation", 403)
 CONFLICT = ErrorKind("conflict", 409)
+IDEMPOTENCY_IN_PROGRESS = ErrorKind("idempotency_in_progress", 409, retryable=True)
+IDEMPOTENCY_KEY_REUSED = ErrorKind("idempotency_key_reused", 422)
 SERIALIZATION_FAILURE = ErrorKind("serialization_failure", 409, retryable=True)
 DEADLOCK_DETECTED = ErrorKind("deadlock_detected", 409, retryable=True)
 STATEMENT_TIMEOUT = ErrorKind("statement_timeout", 504)
@@ -52,11 +55,7 @@ SQL_ERROR = ErrorKind("sql_error", 400)
 SQL_ERROR_DATA = ErrorKind("sql_error", 422)
 INTERNAL = ErrorKind("internal", 500)
 
-ALL_KINDS = (UNAUTHENTICATED, TENANT_REQUIRED, TENANT_FORBIDDEN, TENANT_SUSPENDED, INVALID_REQUEST, CONFIG_INVALID,
-             NOT_FOUND,
-             METHOD_NOT_ALLOWED, UNSUPPORTED_MEDIA_TYPE, PAYLOAD_TOO_LARGE, STATEMENT_REJECTED, RLS_VIOLATION,
-             CONFLICT, SERIALIZATION_FAILURE, DEADLOCK_DETECTED, STATEMENT_TIMEOUT, POOL_TIMEOUT, RATE_LIMITED,
-             CONCURRENCY_LIMITED, DATABASE_UNAVAILABLE, SQL_ERROR, SQL_ERROR_DATA, INTERNAL)
+ALL_KINDS = tuple(v for v in list(globals().values()) if isinstance(v, ErrorKind))
 
 
 class ApiError(Exception):

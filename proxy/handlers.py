@@ -7,6 +7,7 @@ error middleware only.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,10 +16,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from . import idempotency
 from .config import Limits
-from .db import ISOLATION_LEVELS, Result, Statement
+from .db import ISOLATION_LEVELS, Result, Statement, TxRequest
 from .encode import dumps
-from .errors import INVALID_REQUEST, PAYLOAD_TOO_LARGE, STATEMENT_REJECTED, ApiError
+from .errors import INVALID_REQUEST, PAYLOAD_TOO_LARGE, REQUEST_TIMEOUT, STATEMENT_REJECTED, ApiError
 from .keys import GATEWAY, TRACE
 from .tenancy import Tenant, resolve
 
@@ -35,10 +37,14 @@ class Options:
     row_format: str
 
 
-async def _read_json(request: web.Request, max_bytes: int) -> dict[str, Any]:
+async def _read_json(request: web.Request, max_bytes: int, timeout_s: float) -> tuple[bytes, dict[str, Any]]:
     if request.content_length is not None and request.content_length > max_bytes:
         raise ApiError(PAYLOAD_TOO_LARGE, f"request body over this tenant's limit of {max_bytes} bytes")
-    raw = await request.read()
+    try:
+        async with asyncio.timeout(timeout_s):  # a client trickling its body is cut off
+            raw = await request.read()
+    except TimeoutError:
+        raise ApiError(REQUEST_TIMEOUT, f"the request body did not arrive within {timeout_s:g} s") from None
     if len(raw) > max_bytes:
         raise ApiError(PAYLOAD_TOO_LARGE, f"request body over this tenant's limit of {max_bytes} bytes")
     if not raw:
@@ -49,7 +55,7 @@ async def _read_json(request: web.Request, max_bytes: int) -> dict[str, Any]:
         raise ApiError(INVALID_REQUEST, f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ApiError(INVALID_REQUEST, "the request body must be a JSON object")
-    return body
+    return raw, body
 
 
 def _check_fields(body: Mapping[str, Any], allowed: frozenset[str], where: str) -> None:
@@ -151,7 +157,8 @@ async def _execute(request: web.Request, batch: bool) -> web.Response:
     trace.tenant = tenant.id
     t1 = time.perf_counter()
     trace.auth_s = t1 - t0
-    body = await _read_json(request, tenant.limits.max_request_bytes)
+    raw, body = await _read_json(request, tenant.limits.max_request_bytes,
+                                 rt.settings.server.body_timeout_s)
     parts, opts = (parse_transaction if batch else parse_query)(body, tenant.limits)
     t2 = time.perf_counter()
     statements = []
@@ -162,20 +169,33 @@ async def _execute(request: web.Request, batch: bool) -> web.Response:
             raise ApiError(STATEMENT_REJECTED, verdict.rejection)
         statements.append(Statement(sql, params, verdict.command))
     trace.guard_s = time.perf_counter() - t2
+    # Reads are idempotent already, and a READ ONLY transaction could not store the key.
+    claim = None if opts.read_only else idempotency.claim_for(
+        request.headers.get(idempotency.HEADER), trace.endpoint, raw, rt.settings.idempotency.retention_s)
+
+    def encode(results: list[Result]) -> bytes:
+        t3 = time.perf_counter()
+        rendered = [render(r, opts.row_format) for r in results]
+        body = dumps({"results": rendered} if batch else rendered[0])
+        trace.encode_s = time.perf_counter() - t3
+        return body
+
+    if claim is not None:
+        gw.idempotent_tenants[tenant.id] = time.monotonic()
+    tx = TxRequest(tenant_id=tenant.id, statements=statements, read_only=opts.read_only, isolation=opts.isolation,
+                   timeout_ms=opts.timeout_ms, max_rows=opts.max_rows, claim=claim, render=encode)
     slot_wait = await gw.scheduler.admit(tenant.id, tenant.limits)
     try:
-        results = await gw.database.run_in_tenant_tx(
-            tenant.id, statements, read_only=opts.read_only, isolation=opts.isolation,
-            timeout_ms=opts.timeout_ms, max_rows=opts.max_rows, trace=trace)
+        outcome = await gw.database.run_in_tenant_tx(tx, trace)
     finally:
         gw.scheduler.release(tenant.id)
         trace.wait_s = slot_wait + (trace.wait_s or 0.0)
-    t3 = time.perf_counter()
-    trace.rows = sum(len(r.rows) for r in results)
-    rendered = [render(r, opts.row_format) for r in results]
-    body_bytes = dumps({"results": rendered} if batch else rendered[0])
-    trace.encode_s = time.perf_counter() - t3
-    return web.Response(body=body_bytes, content_type="application/json")
+    if outcome.replay is not None:
+        return web.Response(body=outcome.replay.body, status=outcome.replay.status, content_type="application/json",
+                            headers={"Idempotent-Replayed": "true"})
+    trace.rows = sum(len(r.rows) for r in outcome.results)
+    payload = outcome.body if outcome.body is not None else encode(outcome.results)
+    return web.Response(body=payload, content_type="application/json")
 
 
 async def query(request: web.Request) -> web.Response:

@@ -1,0 +1,156 @@
+"""Each fault turns into a clear, retryable answer, and the gateway recovers by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+
+from proxy.devstack import LocalStack
+
+from ..fix_gateway import KEY_A, KEY_B, TENANT_A, Api
+from .conftest import admin_query, assert_no_transaction_left_open
+
+
+async def _until_ok(api: Api, seconds: float = 15.0) -> int:
+    """Poll until a request succeeds; return how many failed first."""
+    failures = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        r = await api.query("SELECT 1 AS one")
+        if r.status == 200:
+            return failures
+        failures += 1
+        assert r.status == 503 and r.body["error"]["retryable"] is True, r.body
+        await asyncio.sleep(0.2)
+    raise AssertionError("the gateway did not recover")
+
+
+async def test_pgbouncer_stopped_fails_fast_and_recovers(fault_gateway: Any, fault_stack: LocalStack) -> None:
+    async with fault_gateway() as api:
+        assert (await api.query("SELECT 1")).status == 200
+        fault_stack.stop_bouncer()
+        try:
+            for _ in range(3):
+                started = time.monotonic()
+                r = await api.query("SELECT 1")
+                assert r.status == 503 and r.code == "database_unavailable", r.body
+                assert r.headers["Retry-After"] == "1" and r.body["error"]["retryable"] is True
+                assert time.monotonic() - started < 2.0
+            assert (await api.request("GET", "/readyz", key=None, admin=True)).status == 503
+            assert (await api.request("GET", "/healthz", key=None, admin=True)).status == 200
+        finally:
+            fault_stack.start_bouncer()
+        await _until_ok(api)
+        assert (await api.request("GET", "/readyz", key=None, admin=True)).status == 200
+        results = [await api.query("SELECT 1") for _ in range(10)]
+        assert all(r.status == 200 for r in results)
+    await assert_no_transaction_left_open(fault_stack)
+
+
+async def test_postgresql_restart_leaves_no_broken_connection(fault_gateway: Any, fault_stack: LocalStack) -> None:
+    async with fault_gateway(database={"pool_min_size": 4, "pool_max_size": 4}) as api:
+        assert [(await api.query("SELECT 1")).status for _ in range(8)] == [200] * 8
+        fault_stack.restart_postgres()
+        await _until_ok(api, 30)
+        # every pooled connection is used again: none may still be broken
+        statuses = await asyncio.gather(*(api.query("SELECT pg_sleep(0.05)") for _ in range(16)))
+        assert [r.status for r in statuses] == [200] * 16
+        assert (await api.request("GET", "/readyz", key=None, admin=True)).status == 200
+    await assert_no_transaction_left_open(fault_stack)
+
+
+async def test_client_disconnect_cancels_the_statement(fault_gateway: Any, fault_stack: LocalStack) -> None:
+    async with fault_gateway(database={"pool_min_size": 1, "pool_max_size": 1}) as api:
+        timeout = aiohttp.ClientTimeout(total=0.5)
+        try:
+            async with api.session.post(api.base + "/v1/query", json={"sql": "SELECT pg_sleep(20) AS hung"},
+                                        headers={"Authorization": f"Bearer {KEY_A}"}, timeout=timeout) as r:
+                await r.read()
+            raise AssertionError("the request should have been abandoned by the client")
+        except TimeoutError:
+            pass
+        running: list[Any] = []
+        for _ in range(30):
+            running = await admin_query(fault_stack, "SELECT pid FROM pg_stat_activity WHERE query LIKE "
+                                                     "'%pg_sleep(20) AS hung%' AND pid <> pg_backend_pid()")
+            if not running:
+                break
+            await asyncio.sleep(0.1)
+        assert running == []
+        # the one gateway connection is usable again
+        r = await api.query("SELECT current_setting('app.tenant_id') AS t")
+        assert r.status == 200 and r.body["rows"] == [{"t": TENANT_A}]
+    await assert_no_transaction_left_open(fault_stack)
+
+
+async def test_pool_exhausted_gives_pool_timeout_and_admin_stays_up(fault_gateway: Any,
+                                                                   fault_stack: LocalStack) -> None:
+    async with fault_gateway(database={"pool_min_size": 2, "pool_max_size": 2, "acquire_timeout_ms": 300}) as api:
+        slow = [asyncio.create_task(api.query("SELECT pg_sleep(1.5)")) for _ in range(2)]
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        r = await api.query("SELECT 1", key=KEY_B)
+        assert r.status == 503 and r.code == "pool_timeout" and r.headers["Retry-After"] == "1"
+        assert 0.25 < time.monotonic() - started < 1.2
+        t0 = time.monotonic()
+        assert (await api.request("GET", "/healthz", key=None, admin=True)).status == 200
+        assert (await api.request("GET", "/metrics", key=None, admin=True)).status == 200
+        assert time.monotonic() - t0 < 0.5
+        assert [(await s).status for s in slow] == [200, 200]
+    await assert_no_transaction_left_open(fault_stack)
+
+
+async def test_error_mid_batch_rolls_back(fault_gateway: Any, fault_stack: LocalStack) -> None:
+    async with fault_gateway() as api:
+        r = await api.transaction([
+            {"sql": "INSERT INTO accounts (id, balance) VALUES (901, 1)"},
+            {"sql": "INSERT INTO accounts (id, balance) VALUES (901, 2)"},  # duplicate key
+            {"sql": "SELECT 1"},
+        ])
+        assert r.status == 409 and r.code == "conflict" and r.body["error"]["sqlstate"] == "23505"
+        assert await admin_query(fault_stack, "SELECT * FROM accounts WHERE id = 901") == []
+    await assert_no_transaction_left_open(fault_stack)
+
+
+async def test_deadlock_is_reported_retryable(fault_gateway: Any, fault_stack: LocalStack) -> None:
+    async with fault_gateway() as api:
+        await api.query("DELETE FROM accounts WHERE id IN (1, 2)")
+        await api.query("INSERT INTO accounts (id, balance) VALUES (1, 0), (2, 0)")
+
+        def crossing(first: int, second: int) -> list[dict[str, Any]]:
+            return [{"sql": f"UPDATE accounts SET balance = balance + 1 WHERE id = {first}"},
+                    {"sql": "SELECT pg_sleep(0.3)"},
+                    {"sql": f"UPDATE accounts SET balance = balance + 1 WHERE id = {second}"}]
+
+        a, b = await asyncio.gather(api.transaction(crossing(1, 2)), api.transaction(crossing(2, 1)))
+        outcomes = sorted([a.status, b.status])
+        assert outcomes == [200, 409], (a.body, b.body)
+        loser = a if a.status == 409 else b
+        assert loser.code == "deadlock_detected" and loser.body["error"]["sqlstate"] == "40P01"
+        assert loser.body["error"]["retryable"] is True
+        rows = await admin_query(fault_stack, "SELECT id, balance FROM accounts WHERE id IN (1, 2) ORDER BY id")
+        assert [tuple(r) for r in rows] == [(1, 1), (2, 1)]  # only the winner's updates
+    await assert_no_transaction_left_open(fault_stack)
+
+
+async def test_serialization_failure_is_reported_retryable(fault_gateway: Any, fault_stack: LocalStack) -> None:
+    async with fault_gateway() as api:
+        await api.query("DELETE FROM accounts WHERE id IN (10, 11)")
+        await api.query("INSERT INTO accounts (id, balance) VALUES (10, 100), (11, 100)")
+
+        def withdraw(target: int) -> list[dict[str, Any]]:
+            # write skew: each reads both balances, then withdraws from one
+            return [{"sql": "SELECT sum(balance) FROM accounts WHERE id IN (10, 11)"},
+                    {"sql": "SELECT pg_sleep(0.3)"},
+                    {"sql": f"UPDATE accounts SET balance = balance - 150 WHERE id = {target}"}]
+
+        a, b = await asyncio.gather(api.transaction(withdraw(10), isolation="serializable"),
+                                    api.transaction(withdraw(11), isolation="serializable"))
+        assert sorted([a.status, b.status]) == [200, 409], (a.body, b.body)
+        loser = a if a.status == 409 else b
+        assert loser.code == "serialization_failure" and loser.body["error"]["sqlstate"] == "40001"
+        assert loser.body["error"]["retryable"] is True and loser.headers["Retry-After"] == "1"
+    await assert_no_transaction_left_open(fault_stack)
