@@ -57,6 +57,10 @@ async def _serve(settings: Settings, config_path: str, banner: str | None = None
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
+    # Graceful: report not-ready while load balancers notice, then stop accepting, let
+    # in-flight requests finish (up to server.shutdown_timeout_s), then close the pools.
+    running.gateway.draining = True
+    await asyncio.sleep(settings.server.drain_s)
     await running.stop()
 
 

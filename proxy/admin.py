@@ -106,10 +106,8 @@ async def pool(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     window = float(gw.runtime.settings.metrics.hotspot_window_s)
     now = time.monotonic()
-    stats = gw.database.stats()
-    report = pool_report(stats, gw.database.recent, now, window)
-    report["slots_waiting"] = gw.scheduler.waiting()
-    return web.json_response({"pools": [report]})
+    reports = [pool_report(db.stats(), db.recent, now, window) for db in gw.router.databases()]
+    return web.json_response({"pools": reports, "slots": gw.scheduler.slots, "slots_waiting": gw.scheduler.waiting()})
 
 
 def add_health_routes(app: web.Application) -> None:

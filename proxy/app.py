@@ -28,6 +28,7 @@ from .guard import Guard
 from .keys import GATEWAY, REQUEST_ID, TRACE
 from .limits import Scheduler
 from .metrics import Metrics
+from .routing import Router
 from .trace import RequestTrace
 
 log = logging.getLogger("tenant_proxy")
@@ -57,7 +58,7 @@ class Gateway:
     """The running gateway's state, shared by both applications."""
 
     runtime: Runtime
-    database: Database
+    router: Router
     scheduler: Scheduler
     config_path: Path | None = None
     env: Mapping[str, str] = field(default_factory=dict)
@@ -76,7 +77,12 @@ class Gateway:
         self.metrics = Metrics(s.metrics, __version__, s.pinned_tenants, self.pool_stats, self.scheduler.inflight)
 
     def pool_stats(self) -> list[PoolStats]:
-        return [self.database.stats()]
+        return self.router.stats()
+
+    @property
+    def database(self) -> Database:
+        """The default cluster's primary pool."""
+        return self.router.primary()
 
     async def reload(self) -> list[str]:
         """Re-read the config file and swap it in whole; on any problem keep the old one.
@@ -94,7 +100,7 @@ class Gateway:
                     await self.apply(settings)
                     problems = []
                 except _START_ERRORS as exc:
-                    problems = [f"database: the new pool could not start ({type(exc).__name__})"]
+                    problems = [f"database: the new pools could not start ({type(exc).__name__})"]
         self.metrics.reloads.labels("error" if problems else "ok").inc()
         log.log(logging.WARNING if problems else logging.INFO, "config reload %s%s",
                 "rejected: " if problems else "applied", "; ".join(problems))
@@ -103,16 +109,17 @@ class Gateway:
     async def apply(self, settings: Settings) -> None:
         """Swap in new settings.  In-flight requests keep the limits (and pool) they started with."""
         old = self.runtime.settings
-        if settings.database != old.database or settings.tenancy.guc != old.tenancy.guc:
-            database = Database(settings.database, settings.tenancy.guc)
-            await database.start()
-            retired, self.database = self.database, database
+        if (settings.database, settings.clusters, settings.tenancy.guc) != (old.database, old.clusters,
+                                                                             old.tenancy.guc):
+            router = Router(settings)
+            await router.start()
+            retired, self.router = self.router, router
             task = asyncio.create_task(retired.close())  # waits for its in-flight transactions
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
         self.overrides.clear()
         self.runtime = Runtime.build(settings)
-        self.scheduler.resize(settings.database.pool_max_size, settings.database.acquire_timeout_ms / 1000)
+        self.scheduler.resize(self.router.slots, settings.database.acquire_timeout_ms / 1000)
         self.metrics.configure(settings.metrics, settings.pinned_tenants)
 
     def set_tenant_limits(self, tenant: str, limits: Limits) -> None:
@@ -131,7 +138,8 @@ class Gateway:
             purge = Statement(idempotency.PURGE_SQL, [retention], "DELETE")
             tx = TxRequest(tenant_id=tenant, statements=[purge], read_only=False, isolation=None,
                            timeout_ms=30_000, max_rows=1)
-            outcome = await self.database.run_in_tenant_tx(tx, RequestTrace(endpoint="purge"))
+            cluster = self.runtime.settings.limits_for(tenant).cluster
+            outcome = await self.router.primary(cluster).run_in_tenant_tx(tx, RequestTrace(endpoint="purge"))
             deleted += outcome.results[0].row_count
             if last_seen + retention < now:  # every key it wrote has now expired and gone
                 del self.idempotent_tenants[tenant]
@@ -155,7 +163,7 @@ class Gateway:
             self._purger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._purger
-        await self.database.close()
+        await self.router.close()
         if self._closing:
             await asyncio.gather(*self._closing)
 
@@ -257,10 +265,10 @@ async def start_gateway(settings: Settings, config_path: Path | None = None,
     """Open the pools and bind both ports (port 0 picks a free one).
 
     ``config_path`` (and the ``env`` its ``${VARS}`` come from) enable reloads."""
-    database = Database(settings.database, settings.tenancy.guc)
-    await database.start()
-    gateway = Gateway(runtime=Runtime.build(settings), database=database,
-                      scheduler=Scheduler(settings.database.pool_max_size, settings.database.acquire_timeout_ms / 1000),
+    router = Router(settings)
+    await router.start()
+    gateway = Gateway(runtime=Runtime.build(settings), router=router,
+                      scheduler=Scheduler(router.slots, settings.database.acquire_timeout_ms / 1000),
                       config_path=config_path,
                       env=env or {})
     gateway.start_background()

@@ -61,6 +61,7 @@ class ServerConfig:
     admin_port: int = 9090
     max_request_bytes: int = 1024 * 1024
     shutdown_timeout_s: float = 10.0
+    drain_s: float = 0.0  # on SIGTERM, report not-ready this long before closing the listeners
     body_timeout_s: float = 10.0  # the whole request body must arrive within this
 
 
@@ -73,6 +74,20 @@ class DatabaseConfig:
     connect_timeout_ms: int = 2000
     # PgBouncer's admin console (database "pgbouncer"), read at scrape time when set.
     pgbouncer_admin_dsn: str | None = None
+    # Streaming replicas (each behind its own PgBouncer) for read-only requests.
+    replicas: tuple[str, ...] = ()
+
+
+DEFAULT_CLUSTER = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """One PostgreSQL cluster tenants can be placed on; pool settings come from `database`."""
+
+    name: str
+    dsn: str
+    replicas: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +114,7 @@ class Limits:
     queue_timeout_ms: int = 2000
     max_request_bytes: int = 1024 * 1024
     weight: float = 1.0        # share of pool slots when tenants compete (weighted round-robin)
+    cluster: str = DEFAULT_CLUSTER  # where the tenant's data lives (`clusters`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +184,8 @@ class Settings:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Every cluster, the `database` section's own as "default".
+    clusters: Mapping[str, ClusterConfig] = field(default_factory=dict)
 
     @property
     def pinned_tenants(self) -> frozenset[str]:
@@ -181,7 +199,10 @@ class Settings:
         return {
             "server": _asdict(self.server),
             "database": {**_asdict(self.database), "dsn": redact_dsn(self.database.dsn),
-                         "pgbouncer_admin_dsn": redact_dsn(self.database.pgbouncer_admin_dsn or "") or None},
+                         "pgbouncer_admin_dsn": redact_dsn(self.database.pgbouncer_admin_dsn or "") or None,
+                         "replicas": [redact_dsn(d) for d in self.database.replicas]},
+            "clusters": {name: {"dsn": redact_dsn(c.dsn), "replicas": [redact_dsn(d) for d in c.replicas]}
+                         for name, c in self.clusters.items()},
             "tenancy": _asdict(self.tenancy),
             "defaults": _asdict(self.defaults),
             "tenants": {k: _asdict(v) for k, v in self.tenants.items()},
@@ -302,7 +323,7 @@ class _Reader:
 
 
 LIMIT_KEYS = frozenset({"statement_timeout_ms", "max_rows", "suspended", "pin_metrics", "max_concurrency",
-                        "rate_per_s", "burst", "queue_timeout_ms", "max_request_bytes", "weight"})
+                        "rate_per_s", "burst", "queue_timeout_ms", "max_request_bytes", "weight", "cluster"})
 
 
 def _limits(r: _Reader, raw: Any, path: str, base: Limits) -> Limits:
@@ -324,6 +345,7 @@ def _limits(r: _Reader, raw: Any, path: str, base: Limits) -> Limits:
         queue_timeout_ms=r.int_(raw, "queue_timeout_ms", path, base.queue_timeout_ms, lo=0),
         max_request_bytes=r.int_(raw, "max_request_bytes", path, base.max_request_bytes, lo=64),
         weight=r.number(raw, "weight", path, base.weight, lo=0.01),
+        cluster=r.str_(raw, "cluster", path, default=base.cluster) or base.cluster,
     )
 
 
@@ -455,16 +477,38 @@ def _names(r: _Reader, raw: Mapping[str, Any], key: str, section: str,
     return value
 
 
+def _dsn(r: _Reader, raw: Mapping[str, Any], path: str, required: bool) -> str:
+    dsn = r.str_(raw, "dsn", path, required=required) or ""
+    if dsn and not dsn.startswith(("postgresql://", "postgres://")):
+        r.fail(f"{path}.dsn", "must be a postgresql:// URL")
+    return dsn
+
+
+def _replicas(r: _Reader, raw: Mapping[str, Any], path: str) -> tuple[str, ...]:
+    value = raw.get("replicas", [])
+    if not isinstance(value, list):
+        r.fail(f"{path}.replicas", "must be a list of postgresql:// URLs")
+        return ()
+    out = []
+    for i, item in enumerate(value):
+        dsn = r.expand(item, f"{path}.replicas[{i}]")
+        if not isinstance(dsn, str) or not dsn.startswith(("postgresql://", "postgres://")):
+            r.fail(f"{path}.replicas[{i}]", "must be a postgresql:// URL")
+        else:
+            out.append(dsn)
+    return tuple(out)
+
+
 def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
     """Validate a parsed YAML document; raise ConfigError listing every problem."""
     r = _Reader(env)
     if not isinstance(raw, dict):
         raise ConfigError(["(top level): must be a mapping"])
-    r.unknown(raw, {"server", "database", "tenancy", "defaults", "tenants", "auth", "guard", "metrics", "idempotency",
-                    "logging"}, "")
+    r.unknown(raw, {"server", "database", "clusters", "tenancy", "defaults", "tenants", "auth", "guard", "metrics",
+                    "idempotency", "logging"}, "")
 
     s = r.section(raw, "server", {"host", "port", "admin_host", "admin_port", "max_request_bytes",
-                                  "shutdown_timeout_s", "body_timeout_s"})
+                                  "shutdown_timeout_s", "body_timeout_s", "drain_s"})
     server = ServerConfig(
         host=r.str_(s, "host", "server", default="127.0.0.1") or "127.0.0.1",
         port=r.int_(s, "port", "server", 8080, lo=0, hi=65535),
@@ -473,6 +517,7 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
         max_request_bytes=r.int_(s, "max_request_bytes", "server", 1024 * 1024, lo=1024),
         shutdown_timeout_s=float(r.int_(s, "shutdown_timeout_s", "server", 10, lo=0, hi=3600)),
         body_timeout_s=r.number(s, "body_timeout_s", "server", 10.0, lo=0.1),
+        drain_s=r.number(s, "drain_s", "server", 0.0, lo=0.0),
     )
     if server.port and server.port == server.admin_port and server.host == server.admin_host:
         r.fail("server.admin_port", "must differ from server.port")
@@ -480,10 +525,8 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
     if "database" not in raw:
         r.fail("database", "is required")
     d = r.section(raw, "database", {"dsn", "pool_min_size", "pool_max_size", "acquire_timeout_ms",
-                                    "connect_timeout_ms", "pgbouncer_admin_dsn"})
-    dsn = r.str_(d, "dsn", "database", required="database" in raw) or ""
-    if dsn and not dsn.startswith(("postgresql://", "postgres://")):
-        r.fail("database.dsn", "must be a postgresql:// URL")
+                                    "connect_timeout_ms", "pgbouncer_admin_dsn", "replicas"})
+    dsn = _dsn(r, d, "database", required="database" in raw)
     database = DatabaseConfig(
         dsn=dsn,
         pool_min_size=r.int_(d, "pool_min_size", "database", 2, lo=0),
@@ -491,7 +534,23 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
         acquire_timeout_ms=r.int_(d, "acquire_timeout_ms", "database", 2000, lo=1),
         connect_timeout_ms=r.int_(d, "connect_timeout_ms", "database", 2000, lo=1),
         pgbouncer_admin_dsn=r.str_(d, "pgbouncer_admin_dsn", "database"),
+        replicas=_replicas(r, d, "database"),
     )
+    clusters = {DEFAULT_CLUSTER: ClusterConfig(DEFAULT_CLUSTER, database.dsn, database.replicas)}
+    raw_clusters = raw.get("clusters") or {}
+    if not isinstance(raw_clusters, dict):
+        r.fail("clusters", "must be a mapping of cluster name to {dsn, replicas}")
+        raw_clusters = {}
+    for name, c in raw_clusters.items():
+        path = f"clusters.{name}"
+        if not isinstance(c, dict):
+            r.fail(path, "must be a mapping with dsn and optional replicas")
+            continue
+        if name == DEFAULT_CLUSTER or not SLUG_RE.match(str(name)):
+            r.fail(path, f"must be a lower-case name other than {DEFAULT_CLUSTER!r} (that is the database section)")
+            continue
+        r.unknown(c, {"dsn", "replicas"}, path)
+        clusters[name] = ClusterConfig(name, _dsn(r, c, path, required=True), _replicas(r, c, path))
     if database.pool_min_size > database.pool_max_size:
         r.fail("database.pool_min_size", f"must be <= pool_max_size ({database.pool_max_size})")
 
@@ -518,6 +577,8 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
     if not isinstance(raw_tenants, dict):
         r.fail("tenants", "must be a mapping of tenant id to limits")
         raw_tenants = {}
+    if defaults.cluster not in clusters:
+        r.fail("defaults.cluster", f"no cluster named {defaults.cluster!r}")
     for tid, override in raw_tenants.items():
         canon = canonical_tenant_id(str(tid), id_format)
         if canon is None:
@@ -526,6 +587,8 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
         if canon in tenants:
             r.fail(f"tenants.{tid}", "the same tenant is listed twice")
         tenants[canon] = _limits(r, override, f"tenants.{tid}", defaults)
+        if tenants[canon].cluster not in clusters:
+            r.fail(f"tenants.{tid}.cluster", f"no cluster named {tenants[canon].cluster!r} (see clusters)")
 
     a = r.section(raw, "auth", {"api_keys", "jwt"})
     auth = AuthConfig(api_keys=_api_keys(r, a.get("api_keys"), id_format), jwt=_jwt(r, a.get("jwt")))
@@ -561,7 +624,7 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
     if r.problems:
         raise ConfigError(r.problems)
     return Settings(database=database, server=server, tenancy=tenancy, defaults=defaults, tenants=tenants,
-                    auth=auth, guard=guard, metrics=metrics, idempotency=idem, logging=logging)
+                    auth=auth, guard=guard, metrics=metrics, idempotency=idem, logging=logging, clusters=clusters)
 
 
 def load_config(path: str | Path, env: Mapping[str, str]) -> Settings:

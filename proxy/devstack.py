@@ -93,6 +93,7 @@ class LocalStack:
     pg_port: int = 0
     bouncer_port: int = 0
     pool_size: int = 20
+    replica_of: LocalStack | None = None  # start as a streaming replica of this stack
     _bouncer: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -145,16 +146,27 @@ class LocalStack:
     def start(self) -> None:
         self._prepare_dirs()
         if not (self.data / "PG_VERSION").exists():
-            self._initdb()
+            if self.replica_of is not None:
+                self._basebackup(self.replica_of)
+            else:
+                self._initdb()
         self._configure_pg()
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "postgresql.log"),
                   "-w", "-t", "60", "start")
         try:
-            self._migrate()
+            if self.replica_of is None:  # a standby gets everything from its primary
+                self._migrate()
             self._start_bouncer()
         except BaseException:
             self.stop()
             raise
+
+    def _basebackup(self, primary: LocalStack) -> None:
+        """A streaming replica of ``primary`` (pg_basebackup -R writes its primary_conninfo)."""
+        self._run(str(self.bindir / "pg_basebackup"), "-D", str(self.data), "-h", "127.0.0.1",
+                  "-p", str(primary.pg_port), "-U", SUPERUSER, "-X", "stream", "-R", "-c", "fast",
+                  env={**os.environ, "PGPASSWORD": SUPERUSER_PASSWORD})
+        self.data.chmod(0o700)
 
     def _initdb(self) -> None:
         pwfile = self.root / "pwfile"
@@ -182,7 +194,10 @@ password_encryption = 'scram-sha-256'
 log_min_messages = warning
 """
         auto = self.data / "postgresql.auto.conf"
-        self._write_as_owner(auto, "# written by pg-tenant-proxy devstack\n" + conf)
+        # keep what pg_basebackup -R wrote for a replica (primary_conninfo)
+        kept = [line for line in auto.read_text().splitlines() if line.startswith("primary_conninfo")] \
+            if auto.exists() else []
+        self._write_as_owner(auto, "# written by pg-tenant-proxy devstack\n" + conf + "\n".join(kept) + "\n")
 
     def _write_as_owner(self, path: Path, text: str) -> None:
         path.write_text(text)

@@ -18,14 +18,24 @@ from aiohttp import web
 
 from . import idempotency
 from .config import Limits
-from .db import ISOLATION_LEVELS, Result, Statement, TxRequest
+from .db import ISOLATION_LEVELS, Outcome, Result, Statement, TxRequest
 from .encode import dumps
-from .errors import INVALID_REQUEST, PAYLOAD_TOO_LARGE, REQUEST_TIMEOUT, STATEMENT_REJECTED, ApiError
+from .errors import (
+    DATABASE_UNAVAILABLE,
+    INVALID_REQUEST,
+    PAYLOAD_TOO_LARGE,
+    REQUEST_TIMEOUT,
+    STATEMENT_REJECTED,
+    ApiError,
+)
 from .keys import GATEWAY, TRACE
+from .routing import Router
 from .tenancy import Tenant, resolve
+from .trace import RequestTrace
 
 MAX_STATEMENTS = 100
 ROW_FORMATS = ("object", "array")
+CONSISTENCY = ("any", "primary")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +45,7 @@ class Options:
     timeout_ms: int
     max_rows: int
     row_format: str
+    consistency: str
 
 
 async def _read_json(request: web.Request, max_bytes: int, timeout_s: float) -> tuple[bytes, dict[str, Any]]:
@@ -84,9 +95,13 @@ def _options(body: Mapping[str, Any], limits: Limits) -> Options:
     row_format = body.get("row_format", "object")
     if row_format not in ROW_FORMATS:
         raise ApiError(INVALID_REQUEST, "row_format must be \"object\" or \"array\"")
+    consistency = body.get("consistency", "any")
+    if consistency not in CONSISTENCY:
+        raise ApiError(INVALID_REQUEST, "consistency must be \"any\" (a replica may answer reads) or \"primary\"")
     return Options(read_only=read_only, isolation=isolation.lower() if isolation else None,
                    timeout_ms=_positive_int(body, "timeout_ms", limits.statement_timeout_ms),
-                   max_rows=_positive_int(body, "max_rows", limits.max_rows), row_format=row_format)
+                   max_rows=_positive_int(body, "max_rows", limits.max_rows), row_format=row_format,
+                   consistency=consistency)
 
 
 def _statement_parts(item: Mapping[str, Any], where: str) -> tuple[str, list[Any]]:
@@ -99,8 +114,10 @@ def _statement_parts(item: Mapping[str, Any], where: str) -> tuple[str, list[Any
     return sql, params
 
 
-_QUERY_FIELDS = frozenset({"sql", "params", "read_only", "timeout_ms", "max_rows", "row_format", "isolation"})
-_TX_FIELDS = frozenset({"statements", "read_only", "timeout_ms", "max_rows", "row_format", "isolation"})
+_QUERY_FIELDS = frozenset({"sql", "params", "read_only", "timeout_ms", "max_rows", "row_format", "isolation",
+                           "consistency"})
+_TX_FIELDS = frozenset({"statements", "read_only", "timeout_ms", "max_rows", "row_format", "isolation",
+                        "consistency"})
 _STATEMENT_FIELDS = frozenset({"sql", "params"})
 
 
@@ -186,7 +203,7 @@ async def _execute(request: web.Request, batch: bool) -> web.Response:
                    timeout_ms=opts.timeout_ms, max_rows=opts.max_rows, claim=claim, render=encode)
     slot_wait = await gw.scheduler.admit(tenant.id, tenant.limits)
     try:
-        outcome = await gw.database.run_in_tenant_tx(tx, trace)
+        outcome = await _run(gw.router, tenant, opts, tx, trace)
     finally:
         gw.scheduler.release(tenant.id)
         trace.wait_s = slot_wait + (trace.wait_s or 0.0)
@@ -196,6 +213,22 @@ async def _execute(request: web.Request, batch: bool) -> web.Response:
     trace.rows = sum(len(r.rows) for r in outcome.results)
     payload = outcome.body if outcome.body is not None else encode(outcome.results)
     return web.Response(body=payload, content_type="application/json")
+
+
+async def _run(router: Router, tenant: Tenant, opts: Options, tx: TxRequest, trace: RequestTrace) -> Outcome:
+    """Reads go to a replica of the tenant's cluster unless they ask for the primary; a
+    replica that fails is taken out and the read goes to the primary instead."""
+    cluster = tenant.limits.cluster
+    if not opts.read_only or opts.consistency == "primary":
+        return await router.primary(cluster).run_in_tenant_tx(tx, trace)
+    db = router.for_read(cluster)
+    try:
+        return await db.run_in_tenant_tx(tx, trace)
+    except ApiError as err:
+        if err.kind is not DATABASE_UNAVAILABLE or not router.is_replica(db):
+            raise
+        router.mark_down(db)
+        return await router.primary(cluster).run_in_tenant_tx(tx, trace)
 
 
 async def query(request: web.Request) -> web.Response:
