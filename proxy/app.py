@@ -182,7 +182,8 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
     except web.HTTPException as exc:
         exc.headers["X-Request-Id"] = rid
         raise
-    response.headers["X-Request-Id"] = rid
+    if not response.prepared:  # a streamed response carries it from the start
+        response.headers["X-Request-Id"] = rid
     return response
 
 
@@ -203,7 +204,8 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         response = await handler(request)
         status = response.status
-        response.headers["Server-Timing"] = trace.server_timing()
+        if not response.prepared:  # a streamed response sent its headers already
+            response.headers["Server-Timing"] = trace.server_timing()
         return response
     finally:
         duration = time.perf_counter() - started

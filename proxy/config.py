@@ -62,7 +62,10 @@ class ServerConfig:
     max_request_bytes: int = 1024 * 1024
     shutdown_timeout_s: float = 10.0
     drain_s: float = 0.0  # on SIGTERM, report not-ready this long before closing the listeners
+    stream_threshold_rows: int = 1000  # larger results stream from a server-side cursor
+    stream_batch_rows: int = 1000
     body_timeout_s: float = 10.0  # the whole request body must arrive within this
+    neon_sql_endpoint: bool = False  # POST /sql speaking Neon's serverless-driver HTTP protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +118,7 @@ class Limits:
     max_request_bytes: int = 1024 * 1024
     weight: float = 1.0        # share of pool slots when tenants compete (weighted round-robin)
     cluster: str = DEFAULT_CLUSTER  # where the tenant's data lives (`clusters`)
+    max_response_bytes: int = 64 * 1024 * 1024  # a streamed result stops here ("truncated": true)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +138,10 @@ class JwtConfig:
     tenant_claim: str = "tenant_id"
     name_claim: str = "sub"
     leeway_s: int = 30
+    # Keys from an identity provider: a JWKS URL, or "discover" ({issuer}/.well-known/openid-configuration).
+    jwks_url: str | None = None
+    jwks_refresh_s: int = 300      # refetch the key set this often
+    jwks_min_refresh_s: int = 30   # an unknown kid refetches at most once per this many seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,7 +331,8 @@ class _Reader:
 
 
 LIMIT_KEYS = frozenset({"statement_timeout_ms", "max_rows", "suspended", "pin_metrics", "max_concurrency",
-                        "rate_per_s", "burst", "queue_timeout_ms", "max_request_bytes", "weight", "cluster"})
+                        "rate_per_s", "burst", "queue_timeout_ms", "max_request_bytes", "weight", "cluster",
+                        "max_response_bytes"})
 
 
 def _limits(r: _Reader, raw: Any, path: str, base: Limits) -> Limits:
@@ -346,6 +355,7 @@ def _limits(r: _Reader, raw: Any, path: str, base: Limits) -> Limits:
         max_request_bytes=r.int_(raw, "max_request_bytes", path, base.max_request_bytes, lo=64),
         weight=r.number(raw, "weight", path, base.weight, lo=0.01),
         cluster=r.str_(raw, "cluster", path, default=base.cluster) or base.cluster,
+        max_response_bytes=r.int_(raw, "max_response_bytes", path, base.max_response_bytes, lo=1024),
     )
 
 
@@ -422,8 +432,9 @@ def _jwt(r: _Reader, raw: Any) -> JwtConfig | None:
     if not isinstance(raw, dict):
         r.fail(path, "must be a mapping")
         return None
-    r.unknown(raw, {"algorithms", "secret_env", "secret", "public_key_file", "jwks_file", "issuer", "audience",
-                    "tenant_claim", "name_claim", "leeway_s"}, path)
+    r.unknown(raw, {"algorithms", "secret_env", "secret", "public_key_file", "jwks_file", "jwks_url", "issuer",
+                    "audience", "tenant_claim", "name_claim", "leeway_s", "jwks_refresh_s", "jwks_min_refresh_s"},
+              path)
     algs = raw.get("algorithms", ["HS256"])
     if not isinstance(algs, list) or not algs or not all(isinstance(a, str) for a in algs):
         r.fail(f"{path}.algorithms", "must be a non-empty list of algorithm names")
@@ -431,10 +442,13 @@ def _jwt(r: _Reader, raw: Any) -> JwtConfig | None:
     for a in algs:
         if a not in JWT_ALGORITHMS:
             r.fail(f"{path}.algorithms", f"unsupported algorithm {a!r} (allowed: {', '.join(sorted(JWT_ALGORITHMS))})")
-    sources = [k for k in ("secret_env", "secret", "public_key_file", "jwks_file") if k in raw]
+    sources = [k for k in ("secret_env", "secret", "public_key_file", "jwks_file", "jwks_url") if k in raw]
     key = ""
+    jwks_url = None
     if len(sources) != 1:
-        r.fail(path, "needs exactly one of secret_env, secret, public_key_file, jwks_file")
+        r.fail(path, "needs exactly one of secret_env, secret, public_key_file, jwks_file, jwks_url")
+    elif sources[0] == "jwks_url":
+        jwks_url = _jwks_url(r, raw, path)
     elif sources[0] == "secret_env":
         var = raw["secret_env"]
         if not isinstance(var, str) or var not in r.env or not r.env[var]:
@@ -451,10 +465,13 @@ def _jwt(r: _Reader, raw: Any) -> JwtConfig | None:
             except OSError as exc:
                 r.fail(f"{path}.{sources[0]}", f"cannot read {fname}: {exc.strerror}")
     symmetric = any(a.startswith("HS") for a in algs)
-    if symmetric and sources and sources[0] in ("public_key_file", "jwks_file"):
+    if symmetric and sources and sources[0] in ("public_key_file", "jwks_file", "jwks_url"):
         r.fail(f"{path}.algorithms", "HS* algorithms need a shared secret, not a public key")
     if not symmetric and sources and sources[0] in ("secret_env", "secret"):
-        r.fail(f"{path}.algorithms", "asymmetric algorithms need public_key_file or jwks_file")
+        r.fail(f"{path}.algorithms", "asymmetric algorithms need public_key_file, jwks_file or jwks_url")
+    for k in ("jwks_refresh_s", "jwks_min_refresh_s"):
+        if k in raw and jwks_url is None:
+            r.fail(f"{path}.{k}", "applies only with jwks_url")
     if symmetric and key and len(key) < 32:
         r.fail(f"{path}.{sources[0]}", "an HMAC secret must be at least 32 characters")
     return JwtConfig(
@@ -465,7 +482,25 @@ def _jwt(r: _Reader, raw: Any) -> JwtConfig | None:
         tenant_claim=r.str_(raw, "tenant_claim", path, default="tenant_id") or "tenant_id",
         name_claim=r.str_(raw, "name_claim", path, default="sub") or "sub",
         leeway_s=r.int_(raw, "leeway_s", path, 30, lo=0, hi=600),
+        jwks_url=jwks_url,
+        jwks_refresh_s=r.int_(raw, "jwks_refresh_s", path, 300, lo=1, hi=86400),
+        jwks_min_refresh_s=r.int_(raw, "jwks_min_refresh_s", path, 30, lo=0, hi=3600),
     )
+
+
+def _jwks_url(r: _Reader, raw: Mapping[str, Any], path: str) -> str | None:
+    """An http(s) URL serving a JWKS, or "discover": the issuer's OpenID configuration names it."""
+    url = r.str_(raw, "jwks_url", path, required=True)
+    if url is None:
+        return None
+    if url == "discover":
+        issuer = r.expand(raw.get("issuer"), f"{path}.issuer")
+        if not isinstance(issuer, str) or not issuer.startswith(("https://", "http://")):
+            r.fail(f"{path}.jwks_url", "\"discover\" needs auth.jwt.issuer set to the provider's http(s) URL")
+        return url
+    if not url.startswith(("https://", "http://")):
+        r.fail(f"{path}.jwks_url", "must be an http(s) URL or \"discover\"")
+    return url
 
 
 def _names(r: _Reader, raw: Mapping[str, Any], key: str, section: str,
@@ -508,7 +543,8 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
                     "idempotency", "logging"}, "")
 
     s = r.section(raw, "server", {"host", "port", "admin_host", "admin_port", "max_request_bytes",
-                                  "shutdown_timeout_s", "body_timeout_s", "drain_s"})
+                                  "shutdown_timeout_s", "body_timeout_s", "drain_s", "stream_threshold_rows",
+                                  "stream_batch_rows", "neon_sql_endpoint"})
     server = ServerConfig(
         host=r.str_(s, "host", "server", default="127.0.0.1") or "127.0.0.1",
         port=r.int_(s, "port", "server", 8080, lo=0, hi=65535),
@@ -518,6 +554,9 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
         shutdown_timeout_s=float(r.int_(s, "shutdown_timeout_s", "server", 10, lo=0, hi=3600)),
         body_timeout_s=r.number(s, "body_timeout_s", "server", 10.0, lo=0.1),
         drain_s=r.number(s, "drain_s", "server", 0.0, lo=0.0),
+        stream_threshold_rows=r.int_(s, "stream_threshold_rows", "server", 1000, lo=1),
+        stream_batch_rows=r.int_(s, "stream_batch_rows", "server", 1000, lo=1),
+        neon_sql_endpoint=r.bool_(s, "neon_sql_endpoint", "server", False),
     )
     if server.port and server.port == server.admin_port and server.host == server.admin_host:
         r.fail("server.admin_port", "must differ from server.port")

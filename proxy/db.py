@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import orjson
@@ -86,6 +86,8 @@ class TxRequest:
     # stored with it, so ``render`` is required then.
     claim: idempotency.Claim | None = None
     render: Callable[[list[Result]], bytes] | None = None
+    # Large results of a single statement go here as they are read (read requests only).
+    sink: RowSink | None = None
 
 
 @dataclass(slots=True)
@@ -102,6 +104,19 @@ class Result:
     row_count: int
     command: str
     truncated: bool
+    streamed: bool = False  # the rows went to a RowSink as they came
+
+
+class RowSink(Protocol):
+    """Where a large result goes, batch by batch, while the transaction is still open."""
+
+    threshold: int   # up to this many rows, results are returned whole instead
+    batch_rows: int
+
+    async def start(self, columns: list[tuple[str, str]]) -> None: ...
+
+    async def rows(self, rows: list[asyncpg.Record]) -> bool:
+        """Take a batch; False stops the stream (the response is as large as allowed)."""
 
 
 class GatewayConnection(asyncpg.Connection):  # type: ignore[misc]
@@ -257,7 +272,7 @@ class Database:
                 if replay is not None:
                     await _rollback(conn)
                     return Outcome(results=[], replay=replay)
-            results = [await _one(conn, st, client_timeout, tx.max_rows) for st in tx.statements]
+            results = [await _one(conn, st, client_timeout, tx.max_rows, tx.sink) for st in tx.statements]
             body = None
             if tx.claim is not None:
                 assert tx.render is not None
@@ -324,10 +339,13 @@ class _Closed(Exception):
         self.error = error
 
 
-async def _one(conn: asyncpg.Connection, st: Statement, timeout: float, max_rows: int) -> Result:
+async def _one(conn: asyncpg.Connection, st: Statement, timeout: float, max_rows: int,
+               sink: RowSink | None = None) -> Result:
     stmt = await conn.prepare(st.sql, timeout=timeout)
     params = convert_params(st.params, [_describe(t) for t in stmt.get_parameters()])
     columns = [(a.name, type_label(*_describe(a.type))) for a in stmt.get_attributes()]
+    if sink is not None and columns and max_rows > sink.threshold:
+        return await _streamed(stmt, params, st, columns, timeout, max_rows, sink)
     # A row limit on Execute (one more than allowed, to detect truncation) keeps a large
     # result on the server; asyncpg exposes it only through the statement's private bind_execute.
     rows: list[asyncpg.Record] = await stmt._PreparedStatement__bind_execute(params, max_rows + 1, timeout)
@@ -342,6 +360,32 @@ async def _one(conn: asyncpg.Connection, st: Statement, timeout: float, max_rows
     else:
         command, row_count = st.command, len(rows)
     return Result(columns=columns, rows=rows, row_count=row_count, command=command, truncated=truncated)
+
+
+async def _streamed(stmt: Any, params: list[Any], st: Statement, columns: list[tuple[str, str]], timeout: float,
+                    max_rows: int, sink: RowSink) -> Result:
+    """Read through a server-side cursor; past ``sink.threshold`` rows, hand batches to the
+    sink as they come instead of holding the whole result."""
+    cur = await stmt.cursor(*params, timeout=timeout)
+    rows: list[asyncpg.Record] = await cur.fetch(sink.threshold + 1, timeout=timeout)
+    if len(rows) <= sink.threshold:
+        return Result(columns=columns, rows=rows, row_count=len(rows), command=st.command, truncated=False)
+    await sink.start(columns)
+    sent, truncated = 0, False
+    while rows:
+        take = rows[:max_rows - sent]
+        if not await sink.rows(take):
+            truncated = True  # the response reached max_response_bytes
+            break
+        sent += len(take)
+        if len(take) < len(rows):
+            truncated = True
+            break
+        if sent == max_rows:
+            truncated = bool(await cur.fetch(1, timeout=timeout))
+            break
+        rows = await cur.fetch(min(sink.batch_rows, max_rows - sent + 1), timeout=timeout)
+    return Result(columns=columns, rows=[], row_count=sent, command=st.command, truncated=truncated, streamed=True)
 
 
 def _describe(t: Any) -> tuple[str, str, str | None]:

@@ -8,6 +8,7 @@ error middleware only.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,10 +29,13 @@ from .errors import (
     STATEMENT_REJECTED,
     ApiError,
 )
-from .keys import GATEWAY, TRACE
+from .keys import GATEWAY, REQUEST_ID, TRACE
 from .routing import Router
+from .streaming import JsonRowStream
 from .tenancy import Tenant, resolve
 from .trace import RequestTrace
+
+log = logging.getLogger("tenant_proxy")
 
 MAX_STATEMENTS = 100
 ROW_FORMATS = ("object", "array")
@@ -163,7 +167,7 @@ def _tenant_header(request: web.Request, name: str) -> str | None:
     return values[0] if values else None
 
 
-async def _execute(request: web.Request, batch: bool) -> web.Response:
+async def _execute(request: web.Request, batch: bool) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     rt = gw.runtime
     trace = request[TRACE]
@@ -199,14 +203,28 @@ async def _execute(request: web.Request, batch: bool) -> web.Response:
 
     if claim is not None:
         gw.idempotent_tenants[tenant.id] = time.monotonic()
+    server = rt.settings.server
+    # A single statement without an idempotency key may stream a large result.
+    stream = None if batch or claim is not None else JsonRowStream(
+        request, opts.row_format, tenant.limits.max_response_bytes, server.stream_threshold_rows,
+        server.stream_batch_rows)
     tx = TxRequest(tenant_id=tenant.id, statements=statements, read_only=opts.read_only, isolation=opts.isolation,
-                   timeout_ms=opts.timeout_ms, max_rows=opts.max_rows, claim=claim, render=encode)
+                   timeout_ms=opts.timeout_ms, max_rows=opts.max_rows, claim=claim, render=encode, sink=stream)
     slot_wait = await gw.scheduler.admit(tenant.id, tenant.limits)
     try:
         outcome = await _run(gw.router, tenant, opts, tx, trace)
+    except ApiError as err:
+        if stream is None or stream.response is None:
+            raise
+        trace.error_code = err.kind.code
+        log.warning("request %s failed mid-stream: %s", request[REQUEST_ID], err.message)
+        return stream.abort()
     finally:
         gw.scheduler.release(tenant.id)
         trace.wait_s = slot_wait + (trace.wait_s or 0.0)
+    if stream is not None and outcome.results and outcome.results[0].streamed:
+        trace.rows = outcome.results[0].row_count
+        return await stream.finish(outcome.results[0])
     if outcome.replay is not None:
         return web.Response(body=outcome.replay.body, status=outcome.replay.status, content_type="application/json",
                             headers={"Idempotent-Replayed": "true"})
@@ -231,9 +249,9 @@ async def _run(router: Router, tenant: Tenant, opts: Options, tx: TxRequest, tra
         return await router.primary(cluster).run_in_tenant_tx(tx, trace)
 
 
-async def query(request: web.Request) -> web.Response:
+async def query(request: web.Request) -> web.StreamResponse:
     return await _execute(request, batch=False)
 
 
-async def transaction(request: web.Request) -> web.Response:
+async def transaction(request: web.Request) -> web.StreamResponse:
     return await _execute(request, batch=True)

@@ -1,0 +1,74 @@
+"""Large results stream from a server-side cursor as chunked JSON, within max_rows and
+max_response_bytes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from multidict import CIMultiDict
+
+from ..fix_gateway import KEY_B, TENANT_A
+
+
+async def _get(api: Any, sql: str, **body: Any) -> tuple[int, CIMultiDict[str], bytes]:
+    async with api.session.post(api.base + "/v1/query", json={"sql": sql, **body},
+                                headers={"Authorization": "Bearer test-key-a"}) as r:
+        return r.status, CIMultiDict(r.headers), await r.read()
+
+
+async def test_large_result_streams_with_the_same_shape(gateway_with: Any) -> None:
+    overrides = {"server": {"stream_threshold_rows": 100, "stream_batch_rows": 250},
+                 "tenants": {TENANT_A: {"max_rows": 100_000}}}
+    async with gateway_with(**overrides) as api:
+        status, headers, raw = await _get(api, "SELECT g, 'row ' || g AS label FROM generate_series(1, 5000) g")
+        assert status == 200 and headers.get("Transfer-Encoding") == "chunked"
+        assert headers["X-Request-Id"] and "db;dur=" in headers["Server-Timing"]
+        body = orjson.loads(raw)
+        assert body["columns"] == [{"name": "g", "type": "int4"}, {"name": "label", "type": "text"}]
+        assert body["row_count"] == 5000 and body["truncated"] is False and body["command"] == "SELECT"
+        assert [r["g"] for r in body["rows"]] == list(range(1, 5001))
+        # small results are not streamed
+        status, headers, raw = await _get(api, "SELECT g FROM generate_series(1, 50) g")
+        assert "Transfer-Encoding" not in headers and orjson.loads(raw)["row_count"] == 50
+        # max_rows still applies, in array format too
+        status, _, raw = await _get(api, "SELECT g FROM generate_series(1, 5000) g", max_rows=1234,
+                                    row_format="array")
+        body = orjson.loads(raw)
+        assert body["row_count"] == 1234 and body["truncated"] is True and body["rows"][-1] == [1234]
+        # exactly max_rows rows: not truncated
+        _, _, raw = await _get(api, "SELECT g FROM generate_series(1, 300) g", max_rows=300)
+        assert orjson.loads(raw)["truncated"] is False
+
+
+async def test_max_response_bytes_stops_the_stream(gateway_with: Any) -> None:
+    overrides = {"server": {"stream_threshold_rows": 10, "stream_batch_rows": 100},
+                 "tenants": {TENANT_A: {"max_rows": 100_000, "max_response_bytes": 20_000}}}
+    async with gateway_with(**overrides) as api:
+        status, _, raw = await _get(api, "SELECT g, repeat('x', 100) AS pad FROM generate_series(1, 10000) g")
+        body = orjson.loads(raw)
+        assert status == 200 and body["truncated"] is True
+        assert 0 < body["row_count"] == len(body["rows"]) < 10000
+        assert len(raw) < 20_000 + 500
+        r = await api.query("SELECT 1 AS ok", key=KEY_B)
+        assert r.status == 200
+
+
+async def test_error_mid_stream_cuts_the_connection(gateway_with: Any) -> None:
+    overrides = {"server": {"stream_threshold_rows": 10, "stream_batch_rows": 10},
+                 "tenants": {TENANT_A: {"max_rows": 100_000}}}
+    async with gateway_with(**overrides) as api:
+        sql = "SELECT 1 / (50 - g) AS x FROM generate_series(1, 100) g"  # division by zero at row 50
+        try:
+            status, _, raw = await _get(api, sql)
+        except Exception as exc:  # aiohttp reports the cut connection as a payload error
+            assert "payload" in type(exc).__name__.lower() or "disconnect" in str(exc).lower(), exc
+        else:
+            assert status == 200
+            try:
+                orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                pass
+            else:
+                raise AssertionError("a failed stream must not look like a complete result")
+        assert (await api.query("SELECT 1")).status == 200
