@@ -89,6 +89,7 @@ class Metrics:
         self.pgbouncer: Snapshot | None = None
         self._pools = pools
         self._series: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self._inflight = inflight
         self._recent: dict[str, deque[tuple[float, float]]] = {}
         r.register(_Collector(self))
@@ -127,14 +128,19 @@ class Metrics:
         for gone in self._labelled - new:
             for metric, labels in self._series.pop(gone, ()):
                 metric.remove(*labels)
+                self._children.pop((metric, labels), None)
             self._recent.pop(gone, None)
         self._labelled = new
 
     def _child(self, metric: Any, *labels: str) -> Any:
-        tenant = labels[0]
-        if tenant not in (OTHER, NO_TENANT):
-            self._series.setdefault(tenant, set()).add((metric, labels))
-        return metric.labels(*labels)
+        # Cached: prometheus_client's labels() takes a lock and builds a key every call.
+        child = self._children.get((metric, labels))
+        if child is None:
+            tenant = labels[0]
+            if tenant not in (OTHER, NO_TENANT):
+                self._series.setdefault(tenant, set()).add((metric, labels))
+            child = self._children[(metric, labels)] = metric.labels(*labels)
+        return child
 
     # -- recording ----------------------------------------------------------------
     def observe(self, trace: RequestTrace, status: int, duration_s: float, request_id: str) -> None:
