@@ -16,6 +16,8 @@ WORKDIR /src
 # Only what the wheel is built from (.dockerignore keeps the rest of the tree out).
 COPY pyproject.toml README.md LICENSE ./
 COPY proxy/ proxy/
+# proxy/openapi.yaml links here: the wheel carries the OpenAPI document the gateway serves.
+COPY docs/openapi.yaml docs/openapi.yaml
 
 # The gateway's own wheel (pure Python; setuptools comes into an isolated build env).
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .

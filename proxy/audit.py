@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .partitions import weaknesses
+
 SEVERITIES = ("fatal", "error", "warning")
 _INVOKER_ON = {"security_invoker=true", "security_invoker=on", "security_invoker=1", "security_invoker=yes"}
 SET_CONFIG = "pg_catalog.set_config(text,text,boolean)"
@@ -65,6 +67,7 @@ async def audit_role(conn: Any, role: str) -> list[Finding]:
 _TABLES = """
 SELECT c.oid, n.nspname, c.relname, c.relkind::text AS relkind, c.relrowsecurity, c.relforcerowsecurity,
        c.relispartition,
+       (SELECT i.inhparent FROM pg_catalog.pg_inherits i WHERE i.inhrelid = c.oid AND c.relispartition) AS parent,
        pg_catalog.pg_get_userbyid(c.relowner) AS owner,
        EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
                WHERE a.attrelid = c.oid AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped) AS has_column
@@ -74,6 +77,11 @@ ORDER BY n.nspname, c.relname
 """
 _POLICIES = """
 SELECT p.polrelid, p.polname, p.polcmd::text AS polcmd, p.polpermissive,
+       ARRAY(SELECT r FROM pg_catalog.unnest(p.polroles) AS r ORDER BY r) AS roles,
+       (SELECT pg_catalog.string_agg(CASE WHEN r = 0 THEN 'PUBLIC'
+                                          ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(r)) END,
+                                     ', ' ORDER BY r)
+        FROM pg_catalog.unnest(p.polroles) AS r) AS role_list,
        pg_catalog.pg_get_expr(p.polqual, p.polrelid) AS qual,
        pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid) AS withcheck
 FROM pg_catalog.pg_policy p WHERE p.polrelid = ANY($1::oid[])
@@ -142,22 +150,33 @@ async def run_audit(conn: Any, *, role: str, schemas: Sequence[str], column: str
                                         f"-- add {column} and RLS, or list {name} in tenancy.global_tables"))
             continue
         tenant_tables.append(t)
-    findings += await _table_findings(conn, tenant_tables, role, column, guc)
+    policies: dict[int, list[Any]] = {}
+    for p in await conn.fetch(_POLICIES, [t["oid"] for t in tenant_tables]):
+        policies.setdefault(p["polrelid"], []).append(p)
+    # A partition is held to its parent's settings; the parent to the general rules.
+    by_oid = {t["oid"]: t for t in tenant_tables}
+    partitions = [(t, by_oid[t["parent"]]) for t in tenant_tables if t["parent"] in by_oid]
+    findings += _table_findings(tenant_tables, policies, {t["oid"] for t, _ in partitions}, role, column, guc)
+    findings += _partition_findings(partitions, policies)
     findings += await _view_findings(conn, [t["oid"] for t in tenant_tables], role)
     findings += await _privilege_findings(conn, role)
     order = {s: i for i, s in enumerate(SEVERITIES)}
     return sorted(findings, key=lambda f: (order[f.severity], f.check, f.object))
 
 
-async def _table_findings(conn: Any, tables: Sequence[Any], role: str, column: str, guc: str) -> list[Finding]:
+def _table_findings(tables: Sequence[Any], policies: dict[int, list[Any]], partitions: set[int], role: str,
+                   column: str, guc: str) -> list[Finding]:
     findings: list[Finding] = []
-    policies: dict[int, list[Any]] = {}
-    for p in await conn.fetch(_POLICIES, [t["oid"] for t in tables]):
-        policies.setdefault(p["polrelid"], []).append(p)
     setting_refs = ("current_tenant_id(", guc)
     for t in tables:
         name = f"{t['nspname']}.{t['relname']}"
         ident = _ident(t["nspname"], t["relname"])
+        if t["owner"] == role:
+            severity = "error" if t["relforcerowsecurity"] else "fatal"
+            findings.append(Finding(severity, "role_owns_table", name, f"the gateway's role {role} owns the table",
+                                    f"ALTER TABLE {ident} OWNER TO app_owner;"))
+        if t["oid"] in partitions:
+            continue
         if not t["relrowsecurity"]:
             findings.append(Finding("error", "rls_disabled", name, "row-level security is not enabled",
                                     f"ALTER TABLE {ident} ENABLE ROW LEVEL SECURITY;"))
@@ -165,10 +184,6 @@ async def _table_findings(conn: Any, tables: Sequence[Any], role: str, column: s
             findings.append(Finding("error", "rls_not_forced", name,
                                     "row-level security is not forced (the owner bypasses it)",
                                     f"ALTER TABLE {ident} FORCE ROW LEVEL SECURITY;"))
-        if t["owner"] == role:
-            severity = "error" if t["relforcerowsecurity"] else "fatal"
-            findings.append(Finding(severity, "role_owns_table", name, f"the gateway's role {role} owns the table",
-                                    f"ALTER TABLE {ident} OWNER TO app_owner;"))
         pols = policies.get(t["oid"], [])
         example = (f"CREATE POLICY tenant_isolation ON {ident} USING ({column} = public.current_tenant_id()) "
                    f"WITH CHECK ({column} = public.current_tenant_id());")
@@ -195,6 +210,18 @@ async def _table_findings(conn: Any, tables: Sequence[Any], role: str, column: s
             elif p["polcmd"] in ("*", "w") and not p["withcheck"]:
                 findings.append(Finding("warning", "policy_no_with_check", pname,
                                         "no explicit WITH CHECK: writes are checked by USING only", drop))
+    return findings
+
+
+def _partition_findings(partitions: Sequence[tuple[Any, Any]], policies: dict[int, list[Any]]) -> list[Finding]:
+    findings = []
+    for part, parent in partitions:
+        weak = weaknesses(part, parent, policies.get(part["oid"], []), policies.get(parent["oid"], []))
+        if weak is not None:
+            findings.append(Finding("error", "partition_weaker_than_parent", f"{part['nspname']}.{part['relname']}",
+                                    f"partition less confined than its parent {parent['nspname']}.{parent['relname']}"
+                                    f" (queries naming it bypass the parent's policies): {'; '.join(weak.problems)}",
+                                    weak.fix))
     return findings
 
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 
@@ -28,6 +31,9 @@ class Principal:
     method: str
 
 
+_TOKEN_CACHE_SIZE = 10_000
+
+
 def hash_key(key: str) -> str:
     """The SHA-256 hex digest that the config stores for an API key."""
     return hashlib.sha256(key.encode()).hexdigest()
@@ -37,25 +43,60 @@ def _unauthenticated() -> ApiError:
     return ApiError(UNAUTHENTICATED, "missing or invalid credentials")
 
 
+class UnknownKeyId(ApiError):
+    """A JWT names a ``kid`` the provider's key set does not hold (yet): the same 401 as any
+    bad credential, unless the caller refetches the keys and tries again (jwks.authenticate)."""
+
+    def __init__(self) -> None:
+        super().__init__(UNAUTHENTICATED, "missing or invalid credentials")
+
+
+class KeySource(Protocol):
+    """Where keys fetched from an identity provider are read (jwks.JwksRefresher)."""
+
+    def keys(self) -> Mapping[str | None, Any]: ...
+
+
 class _JwtVerifier:
-    def __init__(self, cfg: JwtConfig, id_format: str) -> None:
+    def __init__(self, cfg: JwtConfig, id_format: str, remote: KeySource | None = None) -> None:
         self.cfg = cfg
         self.id_format = id_format
-        self.keys: dict[str | None, Any] = {}
-        if cfg.key.lstrip().startswith("{"):
+        self.keys: Mapping[str | None, Any] = {}
+        # With jwks_url, keys are read from ``remote`` at each verification (swapped whole there).
+        self.remote = remote if cfg.jwks_url is not None else None
+        if cfg.jwks_url is None and cfg.key.lstrip().startswith("{"):
             jwks = jwt.PyJWKSet.from_dict(json.loads(cfg.key))
-            for k in jwks.keys:
-                self.keys[k.key_id] = k.key
-        else:
-            self.keys[None] = cfg.key
+            self.keys = {k.key_id: k.key for k in jwks.keys}
+        elif cfg.jwks_url is None:
+            self.keys = {None: cfg.key}
+        # Verified tokens until they expire: signature checks cost far more than a lookup.
+        self._cache: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
+        self._cached_under: Mapping[str | None, Any] | None = None  # the provider's key set they were checked with
 
     def verify(self, token: str) -> Principal:
+        """Check a token, or answer from the cache of tokens verified before and not yet expired."""
+        if self.remote is not None and self.remote.keys() is not self._cached_under:
+            # A new key set from the provider: a key it retired must stop working now.
+            self._cache.clear()
+            self._cached_under = self.remote.keys()
+        cached = self._cache.get(token)
+        if cached is not None and time.time() < cached[1]:
+            return cached[0]
+        principal, expires = self._verify(token)
+        self._cache[token] = (principal, expires)
+        if len(self._cache) > _TOKEN_CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return principal
+
+    def _verify(self, token: str) -> tuple[Principal, float]:
         try:
             header = jwt.get_unverified_header(token)
             kid = header.get("kid")
-            key = self.keys.get(kid) if kid in self.keys else self.keys.get(None)
+            keys = self.remote.keys() if self.remote is not None else self.keys
+            key = keys.get(kid) if kid in keys else keys.get(None)
             if key is None:
-                raise _unauthenticated()
+                raise UnknownKeyId() if self.cfg.jwks_url is not None and isinstance(kid, str) \
+                    else _unauthenticated()
             claims = jwt.decode(
                 token, key, algorithms=list(self.cfg.algorithms), issuer=self.cfg.issuer,
                 audience=self.cfg.audience, leeway=self.cfg.leeway_s,
@@ -63,8 +104,12 @@ class _JwtVerifier:
             )
         except jwt.PyJWTError:
             raise _unauthenticated() from None
-        return Principal(name=str(claims.get(self.cfg.name_claim) or "jwt"),
-                         tenants=self._tenants(claims.get(self.cfg.tenant_claim)), method="jwt")
+        principal = Principal(name=str(claims.get(self.cfg.name_claim) or "jwt"),
+                              tenants=self._tenants(claims.get(self.cfg.tenant_claim)), method="jwt")
+        # Cached until `exp` itself (no leeway), and only once `nbf` has passed.
+        nbf = claims.get("nbf")
+        expires = float(claims["exp"]) if not isinstance(nbf, (int, float)) or nbf <= time.time() else 0.0
+        return principal, expires
 
     def _tenants(self, claim: Any) -> frozenset[str] | None:
         values = claim if isinstance(claim, list) else [claim]
@@ -84,10 +129,10 @@ class _JwtVerifier:
 class Authenticator:
     """Built once per config; ``authenticate`` is called per request."""
 
-    def __init__(self, cfg: AuthConfig, id_format: str) -> None:
+    def __init__(self, cfg: AuthConfig, id_format: str, jwks: KeySource | None = None) -> None:
         self._by_hash = {k.sha256: Principal(name=k.name, tenants=k.tenants, method="api_key")
                          for k in cfg.api_keys}
-        self._jwt = _JwtVerifier(cfg.jwt, id_format) if cfg.jwt is not None else None
+        self._jwt = _JwtVerifier(cfg.jwt, id_format, jwks) if cfg.jwt is not None else None
 
     def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:

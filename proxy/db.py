@@ -19,7 +19,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import asyncpg
@@ -60,6 +60,8 @@ class Statement:
     sql: str
     params: Sequence[Any]
     command: str
+    # How params become driver values for the types PostgreSQL inferred (default: JSON, encode.py).
+    convert: Callable[[Sequence[Any], Sequence[tuple[str, str, str | None]]], list[Any]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +90,9 @@ class TxRequest:
     render: Callable[[list[Result]], bytes] | None = None
     # Large results of a single statement go here as they are read (read requests only).
     sink: RowSink | None = None
+    deferrable: bool = False
+    # More rows than max_rows fail the transaction (SQLSTATE 54000) instead of being cut off.
+    strict_rows: bool = False
 
 
 @dataclass(slots=True)
@@ -105,6 +110,7 @@ class Result:
     command: str
     truncated: bool
     streamed: bool = False  # the rows went to a RowSink as they came
+    type_oids: list[int] = field(default_factory=list)  # of the columns, in order
 
 
 class RowSink(Protocol):
@@ -233,6 +239,8 @@ class Database:
             prefix += " ISOLATION LEVEL " + ISOLATION_LEVELS[tx.isolation]
         if tx.read_only:
             prefix += " READ ONLY"
+        if tx.deferrable:
+            prefix += " DEFERRABLE"
         quoted = _quote_literal(tx.tenant_id)
         prefix += f"; SET LOCAL {self.guc} = {quoted}; SET LOCAL statement_timeout = {int(tx.timeout_ms)}"
         # The pool wall: COMMIT only if the tenant setting is still the one we set.  A
@@ -273,6 +281,9 @@ class Database:
                     await _rollback(conn)
                     return Outcome(results=[], replay=replay)
             results = [await _one(conn, st, client_timeout, tx.max_rows, tx.sink) for st in tx.statements]
+            if tx.strict_rows and any(r.truncated for r in results):
+                raise ApiError(SQL_ERROR_DATA, f"a statement returned more than {tx.max_rows} rows (the tenant's "
+                               "max_rows); add a LIMIT", sqlstate="54000")
             body = None
             if tx.claim is not None:
                 assert tx.render is not None
@@ -342,36 +353,42 @@ class _Closed(Exception):
 async def _one(conn: asyncpg.Connection, st: Statement, timeout: float, max_rows: int,
                sink: RowSink | None = None) -> Result:
     stmt = await conn.prepare(st.sql, timeout=timeout)
-    params = convert_params(st.params, [_describe(t) for t in stmt.get_parameters()])
-    columns = [(a.name, type_label(*_describe(a.type))) for a in stmt.get_attributes()]
-    if sink is not None and columns and max_rows > sink.threshold:
-        return await _streamed(stmt, params, st, columns, timeout, max_rows, sink)
-    # A row limit on Execute (one more than allowed, to detect truncation) keeps a large
-    # result on the server; asyncpg exposes it only through the statement's private bind_execute.
-    rows: list[asyncpg.Record] = await stmt._PreparedStatement__bind_execute(params, max_rows + 1, timeout)
+    params = (st.convert or convert_params)(st.params, [_describe(t) for t in stmt.get_parameters()])
+    attributes = stmt.get_attributes()
+    columns = [(a.name, type_label(*_describe(a.type))) for a in attributes]
+    oids = [a.type.oid for a in attributes]
+    streaming = sink is not None and bool(columns) and max_rows > sink.threshold
+    # One Bind+Execute round trip with a row limit (one more than wanted, to detect
+    # truncation) keeps a large result on the server.  When the result may stream, the
+    # portal is named so that it can be read on in batches.  asyncpg offers this only
+    # through its protocol object (what its own cursors use).
+    protocol = conn._protocol
+    portal = conn._get_unique_id("portal") if streaming else ""
+    first = sink.threshold + 1 if streaming and sink is not None else max_rows + 1
+    rows, status, done = await protocol.bind_execute(stmt._state, params, portal, first, True, timeout)
+    if streaming and sink is not None and len(rows) > sink.threshold:
+        return await _streamed(protocol, stmt._state, portal, rows, st, columns, oids, timeout, max_rows, sink)
     truncated = len(rows) > max_rows
     if truncated:
         del rows[max_rows:]
-    status = stmt.get_statusmsg()
-    if status:
+    status = status.decode() if status else ""
+    if status and done:
         tag, _, count = status.rpartition(" ")
         command = tag.split(" ")[0] if tag else status
         row_count = int(count) if count.isdigit() and not columns else len(rows)
     else:
         command, row_count = st.command, len(rows)
-    return Result(columns=columns, rows=rows, row_count=row_count, command=command, truncated=truncated)
+    return Result(columns=columns, rows=rows, row_count=row_count, command=command, truncated=truncated,
+                  type_oids=oids)
 
 
-async def _streamed(stmt: Any, params: list[Any], st: Statement, columns: list[tuple[str, str]], timeout: float,
-                    max_rows: int, sink: RowSink) -> Result:
-    """Read through a server-side cursor; past ``sink.threshold`` rows, hand batches to the
-    sink as they come instead of holding the whole result."""
-    cur = await stmt.cursor(*params, timeout=timeout)
-    rows: list[asyncpg.Record] = await cur.fetch(sink.threshold + 1, timeout=timeout)
-    if len(rows) <= sink.threshold:
-        return Result(columns=columns, rows=rows, row_count=len(rows), command=st.command, truncated=False)
+async def _streamed(protocol: Any, state: Any, portal: str, rows: list[asyncpg.Record], st: Statement,
+                    columns: list[tuple[str, str]], oids: list[int], timeout: float, max_rows: int,
+                    sink: RowSink) -> Result:
+    """Past ``sink.threshold`` rows, hand the result to the sink batch by batch, reading
+    the open portal on, instead of holding the whole result."""
     await sink.start(columns)
-    sent, truncated = 0, False
+    sent, truncated, done = 0, False, False
     while rows:
         take = rows[:max_rows - sent]
         if not await sink.rows(take):
@@ -381,11 +398,15 @@ async def _streamed(stmt: Any, params: list[Any], st: Statement, columns: list[t
         if len(take) < len(rows):
             truncated = True
             break
-        if sent == max_rows:
-            truncated = bool(await cur.fetch(1, timeout=timeout))
+        if done:
             break
-        rows = await cur.fetch(min(sink.batch_rows, max_rows - sent + 1), timeout=timeout)
-    return Result(columns=columns, rows=[], row_count=sent, command=st.command, truncated=truncated, streamed=True)
+        want = 1 if sent == max_rows else min(sink.batch_rows, max_rows - sent + 1)
+        rows, _, done = await protocol.execute(state, portal, want, True, timeout)
+        if sent == max_rows:
+            truncated = bool(rows)
+            break
+    return Result(columns=columns, rows=[], row_count=sent, command=st.command, truncated=truncated, streamed=True,
+                  type_oids=oids)
 
 
 def _describe(t: Any) -> tuple[str, str, str | None]:

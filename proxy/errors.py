@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .keys import REQUEST_ID, TRACE
+from .keys import ERROR_RENDERER, REQUEST_ID, TRACE
 
 log = logging.getLogger("tenant_proxy")
 
@@ -113,13 +113,18 @@ def from_sqlstate(sqlstate: str | None, message: str) -> ApiError:
     return ApiError(kind, message, sqlstate=state or None, retry_after_s=retry)
 
 
-def error_response(err: ApiError, request_id: str) -> web.Response:
+def error_body(err: ApiError, request_id: str) -> dict[str, Any]:
+    """The error object every error response carries (docs/api.md)."""
     body: dict[str, Any] = {"code": err.kind.code, "message": err.message, "sqlstate": err.sqlstate,
             "retryable": err.kind.retryable, "request_id": request_id}
     if err.problems is not None:
         body["problems"] = err.problems
+    return body
+
+
+def error_response(err: ApiError, request_id: str) -> web.Response:
     headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s is not None else None
-    return web.Response(body=orjson.dumps({"error": body}), status=err.kind.status,
+    return web.Response(body=orjson.dumps({"error": error_body(err, request_id)}), status=err.kind.status,
                         content_type="application/json", headers=headers)
 
 
@@ -147,4 +152,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     trace = request.get(TRACE)
     if trace is not None:
         trace.error_code = error.kind.code
-    return error_response(error, request[REQUEST_ID])
+    # An endpoint speaking another protocol's error format (neon.py) says so on the request.
+    render: Callable[[ApiError, str], web.Response] = request.get(ERROR_RENDERER, error_response)
+    return render(error, request[REQUEST_ID])

@@ -2,7 +2,8 @@
 
 Request path: authenticate -> resolve tenant -> validate body -> guard -> run in the
 tenant's transaction -> encode.  Errors are raised as ApiError and rendered by the
-error middleware only.
+error middleware only.  :func:`execute` is that path for every endpoint; an endpoint
+only turns its body into a :class:`Plan` (``POST /sql`` in neon.py does too).
 """
 
 from __future__ import annotations
@@ -10,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from . import idempotency
+from . import idempotency, jwks
 from .config import Limits
 from .db import ISOLATION_LEVELS, Outcome, Result, Statement, TxRequest
 from .encode import dumps
@@ -50,6 +51,7 @@ class Options:
     max_rows: int
     row_format: str
     consistency: str
+    deferrable: bool = False
 
 
 async def _read_json(request: web.Request, max_bytes: int, timeout_s: float) -> tuple[bytes, dict[str, Any]]:
@@ -106,6 +108,27 @@ def _options(body: Mapping[str, Any], limits: Limits) -> Options:
                    timeout_ms=_positive_int(body, "timeout_ms", limits.statement_timeout_ms),
                    max_rows=_positive_int(body, "max_rows", limits.max_rows), row_format=row_format,
                    consistency=consistency)
+
+
+def options(settings: Mapping[str, Any], limits: Limits) -> Options:
+    """Options from /v1-style settings (``read_only``, ``isolation``, ...), defaults filled in."""
+    return _options(settings, limits)
+
+
+ParamConverter = Callable[[Sequence[Any], Sequence[tuple[str, str, str | None]]], list[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What one request asks for, whichever endpoint it came in by; :func:`execute` runs it."""
+
+    statements: list[tuple[str, list[Any]]]
+    options: Options
+    render: Callable[[list[Result]], Any]  # the results -> the response's JSON value
+    stream: bool = False                   # a single statement may stream a large result
+    convert: ParamConverter | None = None  # how params become driver values (None: JSON values)
+    strict_rows: bool = False              # more than max_rows rows fail instead of being cut off
+    headers: Mapping[str, str] = field(default_factory=dict)  # added to a successful response
 
 
 def _statement_parts(item: Mapping[str, Any], where: str) -> tuple[str, list[Any]]:
@@ -167,12 +190,24 @@ def _tenant_header(request: web.Request, name: str) -> str | None:
     return values[0] if values else None
 
 
-async def _execute(request: web.Request, batch: bool) -> web.StreamResponse:
+def _query_plan(request: web.Request, body: Mapping[str, Any], limits: Limits) -> Plan:
+    parts, opts = parse_query(body, limits)
+    return Plan(parts, opts, render=lambda results: render(results[0], opts.row_format), stream=True)
+
+
+def _transaction_plan(request: web.Request, body: Mapping[str, Any], limits: Limits) -> Plan:
+    parts, opts = parse_transaction(body, limits)
+    return Plan(parts, opts, render=lambda results: {"results": [render(r, opts.row_format) for r in results]})
+
+
+async def execute(request: web.Request,
+                  plan_for: Callable[[web.Request, Mapping[str, Any], Limits], Plan]) -> web.StreamResponse:
+    """Authenticate, resolve the tenant, read the body into a plan, guard, admit, run, answer."""
     gw = request.app[GATEWAY]
-    rt = gw.runtime
     trace = request[TRACE]
     t0 = time.perf_counter()
-    principal = rt.authenticator.authenticate(request.headers.get("Authorization"))
+    principal = await jwks.authenticate(gw, request.headers.get("Authorization"))
+    rt = gw.runtime
     trace.caller = principal.name
     tenant: Tenant = resolve(principal, _tenant_header(request, rt.settings.tenancy.header), rt.settings)
     trace.tenant = tenant.id
@@ -180,15 +215,16 @@ async def _execute(request: web.Request, batch: bool) -> web.StreamResponse:
     trace.auth_s = t1 - t0
     raw, body = await _read_json(request, tenant.limits.max_request_bytes,
                                  rt.settings.server.body_timeout_s)
-    parts, opts = (parse_transaction if batch else parse_query)(body, tenant.limits)
+    plan = plan_for(request, body, tenant.limits)
+    opts = plan.options
     t2 = time.perf_counter()
     statements = []
-    for sql, params in parts:
+    for sql, params in plan.statements:
         verdict = rt.guard.verdict(sql)
         trace.fingerprint = trace.fingerprint or verdict.fingerprint or None
         if verdict.rejection is not None:
             raise ApiError(STATEMENT_REJECTED, verdict.rejection)
-        statements.append(Statement(sql, params, verdict.command))
+        statements.append(Statement(sql, params, verdict.command, plan.convert))
     trace.guard_s = time.perf_counter() - t2
     # Reads are idempotent already, and a READ ONLY transaction could not store the key.
     claim = None if opts.read_only else idempotency.claim_for(
@@ -196,8 +232,7 @@ async def _execute(request: web.Request, batch: bool) -> web.StreamResponse:
 
     def encode(results: list[Result]) -> bytes:
         t3 = time.perf_counter()
-        rendered = [render(r, opts.row_format) for r in results]
-        body = dumps({"results": rendered} if batch else rendered[0])
+        body = dumps(plan.render(results))
         trace.encode_s = time.perf_counter() - t3
         return body
 
@@ -205,11 +240,12 @@ async def _execute(request: web.Request, batch: bool) -> web.StreamResponse:
         gw.idempotent_tenants[tenant.id] = time.monotonic()
     server = rt.settings.server
     # A single statement without an idempotency key may stream a large result.
-    stream = None if batch or claim is not None else JsonRowStream(
+    stream = None if not plan.stream or claim is not None else JsonRowStream(
         request, opts.row_format, tenant.limits.max_response_bytes, server.stream_threshold_rows,
         server.stream_batch_rows)
     tx = TxRequest(tenant_id=tenant.id, statements=statements, read_only=opts.read_only, isolation=opts.isolation,
-                   timeout_ms=opts.timeout_ms, max_rows=opts.max_rows, claim=claim, render=encode, sink=stream)
+                   timeout_ms=opts.timeout_ms, max_rows=opts.max_rows, claim=claim, render=encode, sink=stream,
+                   deferrable=opts.deferrable, strict_rows=plan.strict_rows)
     slot_wait = await gw.scheduler.admit(tenant.id, tenant.limits)
     try:
         outcome = await _run(gw.router, tenant, opts, tx, trace)
@@ -230,7 +266,7 @@ async def _execute(request: web.Request, batch: bool) -> web.StreamResponse:
                             headers={"Idempotent-Replayed": "true"})
     trace.rows = sum(len(r.rows) for r in outcome.results)
     payload = outcome.body if outcome.body is not None else encode(outcome.results)
-    return web.Response(body=payload, content_type="application/json")
+    return web.Response(body=payload, content_type="application/json", headers=plan.headers)
 
 
 async def _run(router: Router, tenant: Tenant, opts: Options, tx: TxRequest, trace: RequestTrace) -> Outcome:
@@ -250,8 +286,8 @@ async def _run(router: Router, tenant: Tenant, opts: Options, tx: TxRequest, tra
 
 
 async def query(request: web.Request) -> web.StreamResponse:
-    return await _execute(request, batch=False)
+    return await execute(request, _query_plan)
 
 
 async def transaction(request: web.Request) -> web.StreamResponse:
-    return await _execute(request, batch=True)
+    return await execute(request, _transaction_plan)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -10,6 +11,7 @@ from .trace import RequestTrace
 
 if TYPE_CHECKING:
     from .app import Gateway  # noqa: F401 - used in the AppKey annotation string
+    from .errors import ApiError
 
 # Both the data and the admin application carry the same Gateway: the current
 # runtime (settings, authenticator, guard; swapped whole on reload) and the pools.
@@ -17,3 +19,7 @@ GATEWAY = web.AppKey["Gateway"]("gateway")
 
 REQUEST_ID = web.RequestKey[str]("request_id")
 TRACE = web.RequestKey[RequestTrace]("trace")
+# Set by an endpoint whose errors take another shape than the standard one (POST /sql).
+ERROR_RENDERER = web.RequestKey[Callable[["ApiError", str], web.Response]]("error_renderer")
+# The OpenAPI document, serialised once at start (GET /openapi.json on both ports).
+OPENAPI = web.AppKey[bytes]("openapi")

@@ -62,6 +62,10 @@ def _docker_stack() -> Iterator[Stack]:  # pragma: no cover - needs a Docker eng
         pg = PostgresContainer("postgres:15", username="postgres", password="postgres", dbname=DATABASE)
         pg.with_network(net).with_network_aliases("pg")
         with pg:
+            # deploy/sql installs pg_partman; the postgres image has the PGDG apt source for it.
+            code, output = pg.exec(["sh", "-c", "apt-get update -qq && apt-get install -y -qq postgresql-15-partman"])
+            if code != 0:
+                raise RuntimeError(f"installing pg_partman in the postgres container failed: {output!r}")
             admin_dsn = pg.get_connection_url(driver=None)
             import asyncio
 

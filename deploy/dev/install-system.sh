@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Installs the system packages the dev/test stack needs when they are missing:
-# PostgreSQL 15 server binaries, PgBouncer, and Prometheus (for the metrics tests).  Uses apt when run as root; otherwise
-# prints the command to run.  Safe to run repeatedly: it does nothing when all is there.
+# PostgreSQL 15 server binaries with pg_partman, PgBouncer, and Prometheus (for the
+# metrics tests).  Uses apt when run as root; otherwise prints the command to run.
+# Safe to run repeatedly: it does nothing when all is there.
 set -euo pipefail
 
 missing=()
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
   missing+=(postgresql-15 postgresql-contrib)
+fi
+# pg_partman: creates the monthly partitions of tenant tables ahead and retires old ones.
+if ! ls /usr/share/postgresql/*/extension/pg_partman.control >/dev/null 2>&1; then
+  missing+=(postgresql-15-partman)
 fi
 if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
   missing+=(pgbouncer)

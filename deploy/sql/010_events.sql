@@ -3,15 +3,33 @@
 --   2. indexes led by tenant_id,
 --   3. RLS enabled AND forced (so even the owner is confined), one policy with USING
 --      and WITH CHECK on current_tenant_id(),
---   4. owned by app_owner, with DML only granted to the gateway role.
+--   4. owned by app_owner, with DML only granted to the gateway role,
+--   5. partitioned by month on created_at, partitions made ahead and retired by pg_partman
+--      (005_partitions.sql); its event trigger gives every partition the parent's RLS
+--      settings and policies.  The partition key must be part of every unique
+--      constraint, so the primary key is (id, created_at).
+
+-- A database from before partitioning has a plain events table: carry its rows over to
+-- the partitioned one (dev and test databases; production migrates with pg_partman's
+-- partition_data_proc, docs/lifecycle.md).
+DO $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM pg_catalog.pg_class WHERE oid = to_regclass('public.events') AND relkind = 'r') THEN
+    CREATE TEMPORARY TABLE events_carried_over AS SELECT * FROM public.events;
+    DROP TABLE public.events;
+  END IF;
+END
+$$;
+
 CREATE TABLE IF NOT EXISTS public.events (
-  id          uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+  id          uuid NOT NULL DEFAULT gen_random_uuid(),
   tenant_id   uuid NOT NULL DEFAULT public.current_tenant_id(),
   event_type  varchar(255) NOT NULL,
   data        jsonb NOT NULL,
   metadata    jsonb,
-  created_at  timestamptz NOT NULL DEFAULT now()
-);
+  created_at  timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (id, created_at)
+) PARTITION BY RANGE (created_at);
 ALTER TABLE public.events OWNER TO app_owner;
 
 CREATE INDEX IF NOT EXISTS idx_events_tenant_type ON public.events (tenant_id, event_type);
@@ -28,3 +46,30 @@ CREATE POLICY tenant_isolation ON public.events
 
 REVOKE ALL ON public.events FROM PUBLIC;
 GRANT SELECT, INSERT, UPDATE, DELETE ON public.events TO app;
+
+-- Monthly partitions, four made ahead (and four back from the first run), a default
+-- partition for rows outside them, and partitions older than the retention dropped by
+-- maintenance.  Set up once: afterwards ops own the settings in partman.part_config
+-- (docs/lifecycle.md), and re-running this file leaves them alone.
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM partman.part_config WHERE parent_table = 'public.events') THEN
+    PERFORM partman.create_parent(p_parent_table := 'public.events', p_control := 'created_at',
+                                  p_type := 'native', p_interval := '1 month', p_premake := 4,
+                                  p_jobmon := false);
+    UPDATE partman.part_config
+       SET retention = '24 months', retention_keep_table = false, retention_keep_index = false,
+           infinite_time_partitions = true
+     WHERE parent_table = 'public.events';
+  END IF;
+END
+$$;
+
+DO $$
+BEGIN
+  IF to_regclass('pg_temp.events_carried_over') IS NOT NULL THEN
+    INSERT INTO public.events SELECT * FROM pg_temp.events_carried_over;
+    DROP TABLE pg_temp.events_carried_over;
+  END IF;
+END
+$$;

@@ -178,9 +178,10 @@ async def test_payload_too_large(gateway_with: object) -> None:
 
 
 async def test_conflict_strips_detail(api: Api, admin_db: asyncpg.Connection) -> None:
-    # a row id that belongs to tenant B: the unique violation must not echo B's values
-    b_id = await admin_db.fetchval("SELECT id FROM events WHERE tenant_id = $1 LIMIT 1", TENANT_B)
-    r = await api.query("INSERT INTO events (id, event_type, data) VALUES ($1, 'dup', '{}')", str(b_id))
+    # a row key (id, created_at) that belongs to tenant B: the unique violation must not echo B's values
+    b_id, b_at = await admin_db.fetchrow("SELECT id, created_at FROM events WHERE tenant_id = $1 LIMIT 1", TENANT_B)
+    r = await api.query("INSERT INTO events (id, event_type, data, created_at) VALUES ($1, 'dup', '{}', $2)",
+                        str(b_id), b_at.isoformat())
     assert r.status == 409 and r.code == "conflict" and r.body["error"]["sqlstate"] == "23505"
     text = str(r.body)
     assert str(b_id) not in text and "Key (" not in text and TENANT_B not in text

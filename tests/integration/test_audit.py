@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+import pytest
 import pytest_asyncio
 
 from proxy.devstack import SQL_DIR
@@ -108,3 +109,44 @@ async def test_text_format_and_bad_dsn(stack: Stack, target: asyncpg.Connection)
     proc = subprocess.run([sys.executable, "-m", "proxy", "audit", "--dsn", "postgresql://x:y@127.0.0.1:1/db"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "cannot connect" in proc.stderr and "Traceback" not in proc.stderr
+
+
+async def test_a_weakened_partition_is_found_and_its_fix_restores_it(stack: Stack, target: asyncpg.Connection) -> None:
+    partitions = [r["name"] for r in await target.fetch(
+        "SELECT c.relname AS name FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "WHERE i.inhparent = 'public.events'::regclass ORDER BY 1")]
+    assert len(partitions) >= 9 and "events_default" in partitions  # pg_partman: 4 back, 4 ahead, default
+    weak = partitions[0]
+    # The event trigger refuses it...
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="refused"):
+        await target.execute(f"ALTER TABLE {weak} DISABLE ROW LEVEL SECURITY")
+    # ...but not on a replica-role session (event triggers do not fire), nor on a database
+    # whose trigger was dropped: the audit is the net under it.
+    await target.execute("SET session_replication_role = replica")
+    await target.execute(f"ALTER TABLE {weak} DISABLE ROW LEVEL SECURITY, NO FORCE ROW LEVEL SECURITY")
+    await target.execute(f"CREATE POLICY wide ON {weak} USING (true)")
+    await target.execute("RESET session_replication_role")
+    code, findings = audit(stack)
+    assert code == 1
+    assert [(f["severity"], f["check"], f["object"]) for f in findings] == [
+        ("error", "partition_weaker_than_parent", f"public.{weak}")]
+    message, fix = findings[0]["message"], findings[0]["fix"]
+    assert "public.events" in message and "not enabled" in message and "not forced" in message
+    assert "wide" in message
+    assert fix == (f'DROP POLICY "wide" ON "public"."{weak}"; '
+                   f'ALTER TABLE "public"."{weak}" ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;')
+    await target.execute(fix)  # with the event trigger on: the fix leaves it no weaker at every step
+    assert audit(stack) == (0, [])
+
+    # a missing restrictive policy of the parent is a weakness too; its fix recreates it
+    await target.execute("CREATE POLICY no_x ON events AS RESTRICTIVE "
+                         "USING (tenant_id = current_tenant_id() AND event_type <> 'x') "
+                         "WITH CHECK (tenant_id = current_tenant_id() AND event_type <> 'x')")
+    await target.execute("SET session_replication_role = replica")
+    await target.execute(f"DROP POLICY no_x ON {weak}")
+    await target.execute("RESET session_replication_role")
+    code, findings = audit(stack)
+    assert [f["object"] for f in findings] == [f"public.{weak}"]
+    assert "restrictive policy no_x of its parent is missing" in findings[0]["message"]
+    await target.execute(findings[0]["fix"])
+    assert audit(stack) == (0, [])

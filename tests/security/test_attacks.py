@@ -148,9 +148,12 @@ async def _reset_backend_after_a_leak(admin_db: asyncpg.Connection) -> AsyncIter
 
 
 async def row_ids(admin_db: asyncpg.Connection) -> dict[str, str]:
-    rows = await admin_db.fetch("SELECT event_type, id::text FROM events WHERE event_type IN ('a-1', 'b-1')")
-    ids = {r["event_type"]: r["id"] for r in rows}
-    return {"<A1_ID>": ids["a-1"], "<B1_ID>": ids["b-1"]}
+    rows = await admin_db.fetch("SELECT event_type, id::text, created_at::text FROM events "
+                                "WHERE event_type IN ('a-1', 'b-1')")
+    ids = {r["event_type"]: r for r in rows}
+    # events is partitioned on created_at, so its key is (id, created_at)
+    return {"<A1_ID>": ids["a-1"]["id"], "<B1_ID>": ids["b-1"]["id"],
+            "<A1_AT>": ids["a-1"]["created_at"], "<B1_AT>": ids["b-1"]["created_at"]}
 
 
 def fill(sql: str, ids: Mapping[str, str]) -> str:
@@ -467,12 +470,15 @@ FOREIGN_WRITES = [
     atk("update-all-to-b", f"UPDATE events SET tenant_id = '{B}' RETURNING *", RLS),
     atk("update-to-b-in-cte", f"WITH u AS (UPDATE events SET tenant_id = '{B}' RETURNING id) "
                               "SELECT count(*) FROM u", RLS),
-    atk("on-conflict-move-own-row-to-b", "INSERT INTO events (id, event_type, data) VALUES ('<A1_ID>', 'x', '{}') "
-                                         f"ON CONFLICT (id) DO UPDATE SET tenant_id = '{B}'", RLS),
-    atk("on-conflict-excluded-b", f"INSERT INTO events (id, tenant_id, event_type, data) VALUES ('<A1_ID>', '{B}', "
-                                  "'x', '{}') ON CONFLICT (id) DO UPDATE SET tenant_id = excluded.tenant_id", RLS),
-    atk("on-conflict-update-b-row", f"INSERT INTO events (id, tenant_id, event_type, data) VALUES ('<B1_ID>', '{A}', "
-                                    "'x', '{}') ON CONFLICT (id) DO UPDATE SET event_type = 'pwned'", RLS),
+    atk("on-conflict-move-own-row-to-b", "INSERT INTO events (id, event_type, data, created_at) "
+                                         "VALUES ('<A1_ID>', 'x', '{}', '<A1_AT>') "
+                                         f"ON CONFLICT (id, created_at) DO UPDATE SET tenant_id = '{B}'", RLS),
+    atk("on-conflict-excluded-b", "INSERT INTO events (id, tenant_id, event_type, data, created_at) "
+                                  f"VALUES ('<A1_ID>', '{B}', 'x', '{{}}', '<A1_AT>') "
+                                  "ON CONFLICT (id, created_at) DO UPDATE SET tenant_id = excluded.tenant_id", RLS),
+    atk("on-conflict-update-b-row", "INSERT INTO events (id, tenant_id, event_type, data, created_at) "
+                                    f"VALUES ('<B1_ID>', '{A}', 'x', '{{}}', '<B1_AT>') "
+                                    "ON CONFLICT (id, created_at) DO UPDATE SET event_type = 'pwned'", RLS),
     atk("merge-move-own-row-to-b", "MERGE INTO events e USING (SELECT 'a-1' AS t) s ON e.event_type = s.t "
                                    f"WHEN MATCHED THEN UPDATE SET tenant_id = '{B}'", RLS),
     atk("merge-insert-b", "MERGE INTO events e USING (SELECT 'nope' AS t) s ON e.event_type = s.t "
@@ -528,9 +534,11 @@ TX_ATTACKS = [
     tx("own-write-then-move-to-b", [OWN_ROW, (f"UPDATE events SET tenant_id = '{B}' "
                                               "WHERE event_type = 'tx-own-marker'", [])], RLS),
     tx("own-write-then-upsert-to-b", [
-        "INSERT INTO events (id, event_type, data) VALUES ('00000000-0000-4000-8000-0000000000f1', 'tx-up', '{}')",
-        "INSERT INTO events (id, event_type, data) VALUES ('00000000-0000-4000-8000-0000000000f1', 'tx-up', '{}') "
-        f"ON CONFLICT (id) DO UPDATE SET tenant_id = '{B}'"], RLS),
+        "INSERT INTO events (id, event_type, data, created_at) "
+        "VALUES ('00000000-0000-4000-8000-0000000000f1', 'tx-up', '{}', '2026-11-01T00:00:00Z')",
+        "INSERT INTO events (id, event_type, data, created_at) "
+        "VALUES ('00000000-0000-4000-8000-0000000000f1', 'tx-up', '{}', '2026-11-01T00:00:00Z') "
+        f"ON CONFLICT (id, created_at) DO UPDATE SET tenant_id = '{B}'"], RLS),
 ]
 
 

@@ -104,3 +104,23 @@ def test_tenant_resolution() -> None:
     assert code_of(resolve, anyone, B, s) == "tenant_suspended"
     t = resolve(anyone, " 33333333-3333-4333-8333-333333333333 ", s)
     assert t.id == "33333333-3333-4333-8333-333333333333" and t.limits == s.defaults
+
+
+def test_verified_tokens_are_cached_until_they_expire(monkeypatch: Any) -> None:
+    auth = Authenticator(settings({"algorithms": ["HS256"], "secret": SECRET, "leeway_s": 0}).auth, "uuid")
+    calls = []
+    real = jwt.decode
+    monkeypatch.setattr(jwt, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    exp = int(time.time()) + 2
+    token = _token(exp=exp)
+    assert auth.authenticate("Bearer " + token).name == "svc"
+    assert auth.authenticate("Bearer " + token).name == "svc"
+    assert len(calls) == 1  # the second answer came from the cache
+    time.sleep(max(0.0, exp - time.time() + 1.1))
+    assert code_of(auth.authenticate, "Bearer " + token) == "unauthenticated"  # expired: checked again
+    assert len(calls) == 2
+    lenient = Authenticator(settings({"algorithms": ["HS256"], "secret": SECRET, "leeway_s": 30}).auth, "uuid")
+    early = _token(nbf=int(time.time()) + 10)  # accepted within the leeway, but never cached
+    assert lenient.authenticate("Bearer " + early).name == "svc"
+    assert lenient.authenticate("Bearer " + early).name == "svc"
+    assert len(calls) == 4

@@ -107,7 +107,7 @@ def test_jwt_checks() -> None:
     raw["auth"]["jwt"] = {"algorithms": ["RS256"], "public_key_file": "/no/such/file.pem"}
     assert problems(raw)[0].startswith("auth.jwt.public_key_file: cannot read /no/such/file.pem")
     raw["auth"]["jwt"] = {"algorithms": ["RS256"], "secret": "x" * 40}
-    assert problems(raw) == ["auth.jwt.algorithms: asymmetric algorithms need public_key_file or jwks_file"]
+    assert problems(raw) == ["auth.jwt.algorithms: asymmetric algorithms need public_key_file, jwks_file or jwks_url"]
 
 
 def test_slug_tenants() -> None:
