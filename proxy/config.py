@@ -119,6 +119,7 @@ class Limits:
     weight: float = 1.0        # share of pool slots when tenants compete (weighted round-robin)
     cluster: str = DEFAULT_CLUSTER  # where the tenant's data lives (`clusters`)
     max_response_bytes: int = 64 * 1024 * 1024  # a streamed result stops here ("truncated": true)
+    moving: bool = False  # set by `tenant-proxy move` through the admin API: writes get 503 tenant_moving
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,7 +333,7 @@ class _Reader:
 
 LIMIT_KEYS = frozenset({"statement_timeout_ms", "max_rows", "suspended", "pin_metrics", "max_concurrency",
                         "rate_per_s", "burst", "queue_timeout_ms", "max_request_bytes", "weight", "cluster",
-                        "max_response_bytes"})
+                        "max_response_bytes", "moving"})
 
 
 def _limits(r: _Reader, raw: Any, path: str, base: Limits) -> Limits:
@@ -356,6 +357,7 @@ def _limits(r: _Reader, raw: Any, path: str, base: Limits) -> Limits:
         weight=r.number(raw, "weight", path, base.weight, lo=0.01),
         cluster=r.str_(raw, "cluster", path, default=base.cluster) or base.cluster,
         max_response_bytes=r.int_(raw, "max_response_bytes", path, base.max_response_bytes, lo=1024),
+        moving=r.bool_(raw, "moving", path, base.moving),
     )
 
 

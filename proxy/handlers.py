@@ -28,6 +28,7 @@ from .errors import (
     PAYLOAD_TOO_LARGE,
     REQUEST_TIMEOUT,
     STATEMENT_REJECTED,
+    TENANT_MOVING,
     ApiError,
 )
 from .keys import GATEWAY, REQUEST_ID, TRACE
@@ -226,6 +227,9 @@ async def execute(request: web.Request,
             raise ApiError(STATEMENT_REJECTED, verdict.rejection)
         statements.append(Statement(sql, params, verdict.command, plan.convert))
     trace.guard_s = time.perf_counter() - t2
+    if tenant.limits.moving and not opts.read_only:
+        # `tenant-proxy move` is copying this tenant to another cluster: reads go on, writes wait.
+        raise ApiError(TENANT_MOVING, "this tenant's data is being moved; retry shortly", retry_after_s=2)
     # Reads are idempotent already, and a READ ONLY transaction could not store the key.
     claim = None if opts.read_only else idempotency.claim_for(
         request.headers.get(idempotency.HEADER), trace.endpoint, raw, rt.settings.idempotency.retention_s)

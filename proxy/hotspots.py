@@ -115,6 +115,11 @@ class HeavyHitters:
         return TenantLoad(tenant=tenant, share=min(share, 1.0), requests_per_s=requests / elapsed,
                           hot=share >= self.hot_share)
 
+    def forget(self, tenant: str) -> None:
+        """Drop a tenant's counters (its data is gone)."""
+        for _, s in self._ring:
+            s.counters.pop(tenant, None)
+
     def total_requests(self, now: float) -> int:
         return sum(s.requests for s in self._live(now))
 

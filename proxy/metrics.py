@@ -165,6 +165,15 @@ class Metrics:
         if label not in (OTHER, NO_TENANT):
             self._recent.setdefault(label, deque(maxlen=_RECENT)).append((duration_s, trace.wait_s or 0.0))
 
+    def forget(self, tenant: str) -> None:
+        """Drop a tenant's series and hotspot figures (after its data was purged)."""
+        for metric, labels in self._series.pop(tenant, ()):
+            metric.remove(*labels)
+            self._children.pop((metric, labels), None)
+        self._recent.pop(tenant, None)
+        self._labelled = self._labelled - {tenant}
+        self.hot.forget(tenant)
+
     # -- reading ------------------------------------------------------------------
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """Prometheus text, or OpenMetrics (with exemplars) when the scraper asks for it."""

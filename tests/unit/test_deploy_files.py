@@ -310,7 +310,9 @@ def test_compose_has_the_five_services_with_health_checks_and_ordering() -> None
     assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
     assert services["gateway"]["build"]["context"] == "../.."
     assert f"./gateway.yaml:{CONFIG_PATH}:ro" in services["gateway"]["volumes"]
-    assert services["postgres"]["image"].startswith("postgres:15")
+    assert services["postgres"]["build"]["context"] == "postgres"
+    dockerfile = (COMPOSE_DIR / "postgres" / "Dockerfile").read_text()
+    assert "FROM postgres:15" in dockerfile and "postgresql-15-partman" in dockerfile
 
 
 def test_every_file_compose_mounts_exists() -> None:

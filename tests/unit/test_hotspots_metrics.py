@@ -117,3 +117,14 @@ def test_rejections_and_openmetrics_exemplars() -> None:
     body, ctype = m.exposition("application/openmetrics-text; version=1.0.0")
     assert ctype.startswith("application/openmetrics-text")
     assert b'# {request_id="req-2"}' in body
+
+
+def test_forget_drops_a_tenant_everywhere() -> None:
+    m = Metrics(MetricsConfig(tenant_label_limit=5), "test", frozenset(), lambda: [], lambda: {})
+    for t in ("gone", "stays"):
+        _observe(m, t)
+    m.forget("gone")
+    text = m.exposition(None)[0].decode()
+    assert 'tenant="gone"' not in text and 'tenant="stays"' in text
+    assert all(load.tenant != "gone" for load in m.hot.top(5, m.clock()))
+    _observe(m, "stays")  # recording goes on normally
