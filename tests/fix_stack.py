@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,16 +96,26 @@ def _docker_stack() -> Iterator[Stack]:  # pragma: no cover - needs a Docker eng
                             pgbouncer_admin_dsn=f"postgresql://{APP_USER}:{APP_PASSWORD}@{host}:{port}/pgbouncer")
 
 
-def _local_stack() -> Iterator[Stack]:
-    root = Path(tempfile.mkdtemp(prefix="tenant-proxy-test-"))
-    local = LocalStack(root, pool_size=TEST_POOL_SIZE)
+def temporary_stack(prefix: str, **kwargs: Any) -> Iterator[LocalStack]:
+    """A LocalStack in a fresh temp dir, removed afterwards (for stacks of a test module's own)."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    local = LocalStack(root, **kwargs)
     try:
         local.start()
-        yield Stack(gateway_dsn=local.gateway_dsn, admin_dsn=local.admin_dsn,
-                    pgbouncer_admin_dsn=local.pgbouncer_admin_dsn, local=local)
+        yield local
     finally:
         local.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def stack_of(local: LocalStack) -> Stack:
+    return Stack(gateway_dsn=local.gateway_dsn, admin_dsn=local.admin_dsn,
+                 pgbouncer_admin_dsn=local.pgbouncer_admin_dsn, local=local)
+
+
+def _local_stack() -> Iterator[Stack]:
+    for local in temporary_stack("tenant-proxy-test-", pool_size=TEST_POOL_SIZE):
+        yield stack_of(local)
 
 
 @pytest.fixture(scope="session")

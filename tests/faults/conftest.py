@@ -3,36 +3,22 @@ PgBouncer pool of 4 so that two transactions can deadlock."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
-import aiohttp
 import asyncpg
 import pytest
 import pytest_asyncio
 
-from proxy.app import start_gateway
-from proxy.config import parse_config
 from proxy.devstack import LocalStack
 
-from ..fix_gateway import SEED, Api, base_config, merge
-from ..fix_stack import Stack
+from ..fix_gateway import SEED, make_settings, merge, running_gateway
+from ..fix_stack import stack_of, temporary_stack
 
 
 @pytest.fixture(scope="session")
 def fault_stack() -> Iterator[LocalStack]:
-    root = Path(tempfile.mkdtemp(prefix="tenant-proxy-faults-"))
-    local = LocalStack(root, pool_size=4)
-    local.start()
-    try:
-        yield local
-    finally:
-        local.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    yield from temporary_stack("tenant-proxy-faults-", pool_size=4)
 
 
 @pytest_asyncio.fixture(scope="session")
@@ -73,16 +59,7 @@ async def assert_no_transaction_left_open(stack: LocalStack) -> None:
 @pytest.fixture
 def fault_gateway(fault_stack: LocalStack, fault_admin: asyncpg.Connection) -> Any:
     """``async with fault_gateway(**overrides) as api`` over the fault stack."""
-    @asynccontextmanager
-    async def start(**overrides: Any) -> AsyncIterator[Api]:
-        stack = Stack(gateway_dsn=fault_stack.gateway_dsn, admin_dsn=fault_stack.admin_dsn,
-                      pgbouncer_admin_dsn=fault_stack.pgbouncer_admin_dsn)
-        raw = merge(base_config(stack), merge({"database": {"acquire_timeout_ms": 1000, "connect_timeout_ms": 1000}},
-                                              overrides))
-        running = await start_gateway(parse_config(raw, {}))
-        try:
-            async with aiohttp.ClientSession() as session:
-                yield Api(session, running)
-        finally:
-            await running.stop()
+    def start(**overrides: Any) -> Any:
+        quick = {"database": {"acquire_timeout_ms": 1000, "connect_timeout_ms": 1000}}
+        return running_gateway(make_settings(stack_of(fault_stack), **merge(quick, overrides)))
     return start

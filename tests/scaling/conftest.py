@@ -3,33 +3,19 @@ its own PgBouncer), and a second, independent cluster for tenant placement."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
-import aiohttp
 import pytest
 
-from proxy.app import start_gateway
-from proxy.config import parse_config
 from proxy.devstack import LocalStack
 
-from ..fix_gateway import Api, base_config, merge
-from ..fix_stack import Stack
+from ..fix_gateway import make_settings, running_gateway
+from ..fix_stack import stack_of, temporary_stack
 
 
 def _stack(**kwargs: Any) -> Iterator[LocalStack]:
-    root = Path(tempfile.mkdtemp(prefix="tenant-proxy-scaling-"))
-    local = LocalStack(root, pool_size=4, **kwargs)
-    local.start()
-    try:
-        yield local
-    finally:
-        local.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    yield from temporary_stack("tenant-proxy-scaling-", pool_size=4, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -49,15 +35,6 @@ def second_cluster() -> Iterator[LocalStack]:
 
 @pytest.fixture
 def scaled_gateway(primary: LocalStack) -> Any:
-    @asynccontextmanager
-    async def start(**overrides: Any) -> AsyncIterator[Api]:
-        stack = Stack(gateway_dsn=primary.gateway_dsn, admin_dsn=primary.admin_dsn,
-                      pgbouncer_admin_dsn=primary.pgbouncer_admin_dsn)
-        raw = merge(base_config(stack), overrides)
-        running = await start_gateway(parse_config(raw, {}))
-        try:
-            async with aiohttp.ClientSession() as session:
-                yield Api(session, running)
-        finally:
-            await running.stop()
+    def start(**overrides: Any) -> Any:
+        return running_gateway(make_settings(stack_of(primary), **overrides))
     return start
