@@ -120,8 +120,6 @@ class HeavyHitters:
         for _, s in self._ring:
             s.counters.pop(tenant, None)
 
-    def total_requests(self, now: float) -> int:
-        return sum(s.requests for s in self._live(now))
 
 
 def choose_labelled(top: Iterable[TenantLoad], pinned: frozenset[str], limit: int) -> frozenset[str]:
