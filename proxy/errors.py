@@ -137,6 +137,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The only place an exception becomes an HTTP response; never a traceback to the caller."""
+    allow = None
     try:
         return await handler(request)
     except ApiError as err:
@@ -147,6 +148,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         kind = _HTTP_KINDS.get(exc.status, ErrorKind("invalid_request", exc.status))
         message = "request body too large" if exc.status == 413 else (exc.reason or "request failed")
         error = ApiError(kind, message)
+        allow = exc.headers.get("Allow")  # a 405 must say which methods the route takes
     except Exception:
         log.exception("unhandled error (request %s)", request[REQUEST_ID])
         error = ApiError(INTERNAL, "internal error")
@@ -155,4 +157,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         trace.error_code = error.kind.code
     # An endpoint speaking another protocol's error format (neon.py) says so on the request.
     render: Callable[[ApiError, str], web.Response] = request.get(ERROR_RENDERER, error_response)
-    return render(error, request[REQUEST_ID])
+    response = render(error, request[REQUEST_ID])
+    if allow is not None:
+        response.headers["Allow"] = allow
+    return response

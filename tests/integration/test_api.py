@@ -234,4 +234,4 @@ async def test_database_unavailable(gateway_with: object, stack: object) -> None
 
 async def test_method_not_allowed(api: Api) -> None:
     r = await api.request("GET", "/v1/query")
-    assert r.status == 405 and r.code == "method_not_allowed"
+    assert r.status == 405 and r.code == "method_not_allowed" and r.headers["Allow"] == "POST"
