@@ -7,10 +7,10 @@ import contextlib
 import dataclasses
 import datetime
 import logging
+import os
 import random
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,12 +177,18 @@ class Gateway:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def _request_id(request: web.Request) -> str:
+    """A sane caller-sent X-Request-Id, or a fresh one."""
+    sent = request.headers.get("X-Request-Id")
+    rid = sent if sent and _REQUEST_ID_RE.match(sent) else os.urandom(16).hex()
+    request[REQUEST_ID] = rid
+    return rid
+
+
 @web.middleware
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Echo a sane caller-sent X-Request-Id, or make one; set it on every response."""
-    sent = request.headers.get("X-Request-Id")
-    rid = sent if sent and _REQUEST_ID_RE.match(sent) else uuid.uuid4().hex
-    request[REQUEST_ID] = rid
+    """Echo a sane caller-sent X-Request-Id, or make one; set it on every response (admin port)."""
+    rid = _request_id(request)
     try:
         response = await handler(request)
     except web.HTTPException as exc:
@@ -198,11 +204,12 @@ _UNMETERED = frozenset({"/healthz", "/readyz"})
 
 @web.middleware
 async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Once per request on the way out: metrics, Server-Timing and the access log line."""
+    """The data port's outer layer (one middleware, not two, on the hot path): the request
+    id, and once per request on the way out metrics, Server-Timing and the access log."""
+    rid = _request_id(request)
     resource = request.match_info.route.resource
     endpoint = resource.canonical if resource is not None else "unmatched"
-    if endpoint in _UNMETERED:
-        return await handler(request)
+    metered = endpoint not in _UNMETERED
     trace = RequestTrace(endpoint=endpoint)
     request[TRACE] = trace
     started = time.perf_counter()
@@ -211,13 +218,19 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
         response = await handler(request)
         status = response.status
         if not response.prepared:  # a streamed response sent its headers already
-            response.headers["Server-Timing"] = trace.server_timing()
+            response.headers["X-Request-Id"] = rid
+            if metered:
+                response.headers["Server-Timing"] = trace.server_timing()
         return response
+    except web.HTTPException as exc:
+        exc.headers["X-Request-Id"] = rid
+        raise
     finally:
-        duration = time.perf_counter() - started
-        gw = request.app[GATEWAY]
-        gw.metrics.observe(trace, status, duration, request[REQUEST_ID])
-        access_log(gw.runtime.settings.logging, trace, status, duration, request[REQUEST_ID])
+        if metered:
+            duration = time.perf_counter() - started
+            gw = request.app[GATEWAY]
+            gw.metrics.observe(trace, status, duration, rid)
+            access_log(gw.runtime.settings.logging, trace, status, duration, rid)
 
 
 def access_log(cfg: LoggingConfig, trace: RequestTrace, status: int, duration: float, request_id: str) -> None:
@@ -245,7 +258,7 @@ def create_apps(gateway: Gateway) -> tuple[web.Application, web.Application]:
     """The data application (public API) and the admin application."""
     settings = gateway.runtime.settings
     data = _application(gateway, settings.server.max_request_bytes,
-                        [request_id_middleware, observe_middleware, error_middleware])
+                        [observe_middleware, error_middleware])
     data.router.add_post("/v1/query", handlers.query)
     data.router.add_post("/v1/transaction", handlers.transaction)
     data.router.add_post("/sql", neon.sql)  # answers 404 unless server.neon_sql_endpoint (read per request)

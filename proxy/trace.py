@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+_SERVER_TIMING = "auth;dur=%.3f, guard;dur=%.3f, wait;dur=%.3f, db;dur=%.3f, encode;dur=%.3f"
+
 
 @dataclass(slots=True)
 class RequestTrace:
@@ -22,6 +24,5 @@ class RequestTrace:
 
     def server_timing(self) -> str:
         """The ``Server-Timing`` header value, durations in milliseconds."""
-        parts = [("auth", self.auth_s), ("guard", self.guard_s), ("wait", self.wait_s or 0.0),
-                 ("db", self.db_s or 0.0), ("encode", self.encode_s)]
-        return ", ".join(f"{name};dur={seconds * 1000:.3f}" for name, seconds in parts)
+        return _SERVER_TIMING % (self.auth_s * 1000, self.guard_s * 1000, (self.wait_s or 0.0) * 1000,
+                                 (self.db_s or 0.0) * 1000, self.encode_s * 1000)
