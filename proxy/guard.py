@@ -93,7 +93,9 @@ class Guard:
             verdict = self._judge(sql)
             self._cache[sql] = verdict
             if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+                self._cache.popitem(last=False)  # the least recently used
+        else:
+            self._cache.move_to_end(sql)
         return verdict
 
     def check(self, sql: str) -> Verdict:

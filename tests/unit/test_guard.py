@@ -131,6 +131,9 @@ def test_cache_is_bounded_and_keeps_verdicts() -> None:
     for i in range(10):
         g.check(f"SELECT {i}")
     assert len(g._cache) == 3
+    g.check("SELECT 7")  # used again: now the most recent
+    g.check("SELECT 10")
+    assert list(g._cache) == ["SELECT 9", "SELECT 7", "SELECT 10"]  # least recently used went first
     with pytest.raises(ApiError):
         g.check("COMMIT")
     with pytest.raises(ApiError):  # served from the cache, same verdict
