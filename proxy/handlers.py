@@ -132,10 +132,11 @@ class Plan:
     headers: Mapping[str, str] = field(default_factory=dict)  # added to a successful response
 
 
-def _statement_parts(item: Mapping[str, Any], where: str) -> tuple[str, list[Any]]:
-    sql = item.get("sql")
+def statement_parts(item: Mapping[str, Any], where: str, sql_key: str = "sql") -> tuple[str, list[Any]]:
+    """The SQL text and the parameter list of one statement object, checked."""
+    sql = item.get(sql_key)
     if not isinstance(sql, str) or not sql.strip():
-        raise ApiError(INVALID_REQUEST, f"{where}sql must be a non-empty string")
+        raise ApiError(INVALID_REQUEST, f"{where}{sql_key} must be a non-empty string")
     params = item.get("params", [])
     if not isinstance(params, list):
         raise ApiError(INVALID_REQUEST, f"{where}params must be an array")
@@ -152,7 +153,7 @@ _STATEMENT_FIELDS = frozenset({"sql", "params"})
 def parse_query(body: Mapping[str, Any], limits: Limits) -> tuple[list[tuple[str, list[Any]]], Options]:
     """Validate a /v1/query body: unknown fields, wrong types and missing SQL are refused."""
     _check_fields(body, _QUERY_FIELDS, "the request")
-    return [_statement_parts(body, "")], _options(body, limits)
+    return [statement_parts(body, "")], _options(body, limits)
 
 
 def parse_transaction(body: Mapping[str, Any], limits: Limits) -> tuple[list[tuple[str, list[Any]]], Options]:
@@ -168,7 +169,7 @@ def parse_transaction(body: Mapping[str, Any], limits: Limits) -> tuple[list[tup
         if not isinstance(item, dict):
             raise ApiError(INVALID_REQUEST, f"statements[{i}] must be an object")
         _check_fields(item, _STATEMENT_FIELDS, f"statements[{i}]")
-        parts.append(_statement_parts(item, f"statements[{i}]."))
+        parts.append(statement_parts(item, f"statements[{i}]."))
     return parts, _options(body, limits)
 
 

@@ -39,7 +39,7 @@ from . import handlers
 from .config import Limits
 from .db import Result
 from .errors import INVALID_REQUEST, NOT_FOUND, ApiError, error_body
-from .handlers import MAX_STATEMENTS, Plan
+from .handlers import MAX_STATEMENTS, Plan, statement_parts
 from .keys import ERROR_RENDERER, GATEWAY
 from .pgtext import base_type, json_to_text, param_from_text, to_json, to_text
 
@@ -75,12 +75,7 @@ def _query(item: Any, where: str, default_array_mode: bool) -> NeonQuery:
     unknown = sorted(set(item) - _QUERY_FIELDS)
     if unknown:
         raise ApiError(INVALID_REQUEST, f"unknown field(s) in {where}: {', '.join(unknown)}")
-    sql = item.get("query")
-    if not isinstance(sql, str) or not sql.strip():
-        raise ApiError(INVALID_REQUEST, f"{where}.query must be a non-empty string")
-    params = item.get("params", [])
-    if not isinstance(params, list):
-        raise ApiError(INVALID_REQUEST, f"{where}.params must be an array")
+    sql, params = statement_parts(item, f"{where}.", sql_key="query")
     array_mode = item.get("arrayMode", default_array_mode)
     if not isinstance(array_mode, bool):
         raise ApiError(INVALID_REQUEST, f"{where}.arrayMode must be true or false")
