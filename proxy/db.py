@@ -284,24 +284,22 @@ class Database:
             if tx.strict_rows and any(r.truncated for r in results):
                 raise ApiError(SQL_ERROR_DATA, f"a statement returned more than {tx.max_rows} rows (the tenant's "
                                "max_rows); add a LIMIT", sqlstate="54000")
+            if not conn.is_in_transaction():
+                # The caller ended the gateway's transaction: the rest would run outside the tenant.
+                _terminate(conn)
+                raise ApiError(STATEMENT_REJECTED, "the statement ended the gateway's transaction")
             body = None
             if tx.claim is not None:
                 assert tx.render is not None
                 body = tx.render(results)
                 await conn.execute(idempotency.STORE_SQL, tx.claim.key, 200, body, timeout=client_timeout)
-            if not conn.is_in_transaction():
-                # The caller ended the gateway's transaction: the rest would run outside the tenant.
-                _terminate(conn)
-                raise _Closed(ApiError(STATEMENT_REJECTED, "the statement ended the gateway's transaction"))
             try:
                 await conn.execute(commit, timeout=client_timeout)
             except asyncpg.DivisionByZeroError:
                 await _rollback(conn)
                 _terminate(conn)
-                raise _Closed(ApiError(STATEMENT_REJECTED, "the statement changed the tenant setting")) from None
+                raise ApiError(STATEMENT_REJECTED, "the statement changed the tenant setting") from None
             return Outcome(results=results, body=body)
-        except _Closed as closed:
-            raise closed.error from None
         except asyncpg.PostgresError as exc:
             await _rollback(conn)
             raise from_sqlstate(exc.sqlstate, getattr(exc, "message", None) or "database error") from None
@@ -340,14 +338,6 @@ async def _claim(conn: asyncpg.Connection, tenant_id: str, claim: idempotency.Cl
     if replay is None and not row["claimed"] and row["request_hash"] is not None:
         await conn.execute(idempotency.RECLAIM_SQL, claim.key, claim.request_hash, timeout=timeout)
     return replay
-
-
-class _Closed(Exception):
-    """The connection was terminated on purpose; report ``error`` without touching it again."""
-
-    def __init__(self, error: ApiError) -> None:
-        super().__init__(error.message)
-        self.error = error
 
 
 async def _one(conn: asyncpg.Connection, st: Statement, timeout: float, max_rows: int,
