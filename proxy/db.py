@@ -3,8 +3,10 @@
 Per request, through PgBouncer in transaction mode::
 
     BEGIN [ISOLATION LEVEL ...] [READ ONLY]; SET LOCAL <guc> = '<id>'; SET LOCAL statement_timeout = <ms>
-        -- one simple-protocol round trip; the id was validated and canonicalised by tenancy
-    <caller statements>   -- extended protocol only, unnamed statements (statement_cache_size=0)
+        -- the id was validated and canonicalised by tenancy; sent as Parse/Bind/Execute
+        -- messages in the same round trip as the first statement's Parse+Describe
+    <caller statements>   -- extended protocol only, unnamed statements (statement_cache_size=0):
+                          -- Parse+Describe, then Bind+Execute+Sync with a row limit
     check the transaction is still open
     COMMIT                -- or ROLLBACK on any error
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -134,12 +137,23 @@ class GatewayConnection(asyncpg.Connection):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._server_caps = self._server_caps._replace(jit=False)  # type: ignore[has-type]
+        # True from the pipelined BEGIN until COMMIT or ROLLBACK: asyncpg's own idea of
+        # the transaction status comes from the last ReadyForQuery, which can predate it.
+        self.gateway_tx_open = False
+
+    def set_gateway_tx_open(self, value: bool) -> None:
+        self.gateway_tx_open = value  # a method, so that it reaches through the pool's proxy
 
 
 async def _no_reset(conn: asyncpg.Connection) -> None:
     """Skip asyncpg's RESET ALL/UNLISTEN round trip: in transaction mode it would run on
     whichever backend PgBouncer picks.  Session state cannot be created (the guard and
-    the database's grants forbid it), and asyncpg still rolls back an open transaction."""
+    the database's grants forbid it), and asyncpg still rolls back an open transaction
+    it knows of.  One it cannot know of (the request was cancelled right after the
+    first Parse+Describe returned, before any ReadyForQuery) is rolled back here."""
+    if getattr(conn, "gateway_tx_open", False):
+        conn.gateway_tx_open = False
+        await conn.execute("ROLLBACK")
 
 
 class RoleCanBypassRls(Exception):
@@ -172,6 +186,28 @@ def _jsonb_encode(value: Any) -> bytes:
 
 def _jsonb_decode(data: bytes) -> orjson.Fragment:
     return orjson.Fragment(data[1:])
+
+
+# Extended-protocol messages for one parameterless statement, unnamed statement and portal:
+# Parse (no parameter types), Bind (no parameters, default result format), Execute (all rows).
+_BIND_EXECUTE = (b"B" + struct.pack("!i", 4 + 2 + 6) + b"\0\0" + b"\0\0" * 3
+                 + b"E" + struct.pack("!i", 4 + 1 + 4) + b"\0" + b"\0\0\0\0")
+
+
+def _pipelined(statements: Sequence[str]) -> bytes:
+    """``statements`` as Parse/Bind/Execute messages with no Sync after them.
+
+    Written straight onto the connection just before asyncpg's own Parse+Describe+Flush
+    (its ``prepare``), they run in the same round trip, ahead of it: asyncpg's prepare
+    state skips the ParseComplete/BindComplete/CommandComplete replies they produce, and
+    an error among them ends the prepare with that error (asyncpg then sends the Sync).
+    This saves the round trip a separate ``BEGIN; SET LOCAL ...`` simple query costs."""
+    out = bytearray()
+    for sql in statements:
+        query = sql.encode()
+        out += b"P" + struct.pack("!i", 4 + 1 + len(query) + 1 + 2) + b"\0" + query + b"\0\0\0"
+        out += _BIND_EXECUTE
+    return bytes(out)
 
 
 def _quote_literal(value: str) -> str:
@@ -234,15 +270,15 @@ class Database:
     async def run_in_tenant_tx(self, tx: TxRequest, trace: RequestTrace) -> Outcome:
         """Run ``tx.statements`` in one transaction confined to ``tx.tenant_id``; all or nothing."""
         assert self.pool is not None
-        prefix = "BEGIN"
+        begin = "BEGIN"
         if tx.isolation is not None:
-            prefix += " ISOLATION LEVEL " + ISOLATION_LEVELS[tx.isolation]
+            begin += " ISOLATION LEVEL " + ISOLATION_LEVELS[tx.isolation]
         if tx.read_only:
-            prefix += " READ ONLY"
+            begin += " READ ONLY"
         if tx.deferrable:
-            prefix += " DEFERRABLE"
+            begin += " DEFERRABLE"
         quoted = _quote_literal(tx.tenant_id)
-        prefix += f"; SET LOCAL {self.guc} = {quoted}; SET LOCAL statement_timeout = {int(tx.timeout_ms)}"
+        prefix = (begin, f"SET LOCAL {self.guc} = {quoted}", f"SET LOCAL statement_timeout = {int(tx.timeout_ms)}")
         # The pool wall: COMMIT only if the tenant setting is still the one we set.  A
         # mismatch divides by zero, which aborts the transaction before COMMIT runs, in
         # the same round trip as the COMMIT itself.
@@ -271,10 +307,16 @@ class Database:
             self.recent.append((time.monotonic(), trace.wait_s or 0.0, trace.db_s))
             await _release(self.pool, conn)
 
-    async def _run(self, conn: asyncpg.Connection, tx: TxRequest, prefix: str, commit: str,
+    async def _run(self, conn: asyncpg.Connection, tx: TxRequest, prefix: tuple[str, ...], commit: str,
                    client_timeout: float) -> Outcome:
         try:
-            await conn.execute(prefix, timeout=client_timeout)
+            if tx.claim is None and not tx.statements:
+                await conn.execute("; ".join(prefix), timeout=client_timeout)
+            else:
+                # The first thing below is always a Parse+Describe (asyncpg's prepare); the
+                # prefix travels in front of it in the same round trip.
+                conn._transport.write(_pipelined(prefix))
+                conn.set_gateway_tx_open(True)
             if tx.claim is not None:
                 replay = await _claim(conn, tx.tenant_id, tx.claim, client_timeout)
                 if replay is not None:
@@ -295,6 +337,7 @@ class Database:
                 await conn.execute(idempotency.STORE_SQL, tx.claim.key, 200, body, timeout=client_timeout)
             try:
                 await conn.execute(commit, timeout=client_timeout)
+                conn.set_gateway_tx_open(False)
             except asyncpg.DivisionByZeroError:
                 await _rollback(conn)
                 _terminate(conn)
@@ -426,13 +469,17 @@ def _terminate(conn: asyncpg.Connection) -> None:
 
 
 async def _rollback(conn: asyncpg.Connection) -> None:
+    """ROLLBACK whatever asyncpg believes: its transaction status comes from the last
+    ReadyForQuery, and the pipelined prefix has none of its own (a failure between the
+    first Parse+Describe and its Bind+Execute would otherwise leave BEGIN open)."""
     try:
-        if conn.is_closed() or not conn.is_in_transaction():
+        if conn.is_closed():
             return
     except asyncpg.InterfaceError:
         return  # it broke and went back to the pool already
     try:
         await conn.execute("ROLLBACK", timeout=5)
+        conn.set_gateway_tx_open(False)
     except (TimeoutError, *_CONNECTION_ERRORS, asyncpg.PostgresError):
         _terminate(conn)
 

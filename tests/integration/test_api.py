@@ -170,6 +170,20 @@ async def test_invalid_requests(api: Api) -> None:
     assert r.code == "invalid_request"
 
 
+async def test_parameter_refused_after_prepare_leaves_no_transaction_open(api: Api,
+                                                                        admin_db: asyncpg.Connection) -> None:
+    """The BEGIN travels with the first Parse+Describe, and parameters are converted only
+    once the statement's types are known: refusing one must still roll the BEGIN back
+    (the test stack's PgBouncer has one server connection, so a leftover shows at once)."""
+    for _ in range(3):
+        r = await api.query("SELECT $1::int AS n", params=["abc"])
+        assert r.code == "invalid_request", r.body
+        r = await api.query("SELECT current_setting('transaction_isolation') AS iso", isolation="serializable")
+        assert r.status == 200 and r.body["rows"] == [{"iso": "serializable"}], r.body
+    assert await admin_db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' "
+                                   "AND state LIKE 'idle in transaction%'") == 0
+
+
 async def test_payload_too_large(gateway_with: object) -> None:
     async with gateway_with(server={"max_request_bytes": 2048}) as api:  # type: ignore[operator]
         r = await api.query("SELECT $1::text", "x" * 10000)

@@ -183,6 +183,7 @@ async def test_batch_transaction_headers(neon_api: Api) -> None:
                                       "current_setting('transaction_deferrable') AS d"}]}
     r = await sql(neon_api, settings, **{"Neon-Batch-Isolation-Level": "RepeatableRead",
                                          "Neon-Batch-Read-Only": "true", "Neon-Batch-Deferrable": "true"})
+    assert r.status == 200, r.body
     assert r.body["results"][0]["rows"] == [{"iso": "repeatable read", "ro": "on", "d": "on"}]
     assert (r.headers["Neon-Batch-Isolation-Level"], r.headers["Neon-Batch-Read-Only"],
             r.headers["Neon-Batch-Deferrable"]) == ("RepeatableRead", "true", "true")

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from proxy.app import start_gateway
-from proxy.db import RoleCanBypassRls
+from proxy.db import RoleCanBypassRls, _pipelined
 
 from ..fix_gateway import KEY_A, KEY_B, TENANT_A, TENANT_B, base_config, make_settings, merge
 from ..fix_stack import Stack
@@ -51,6 +51,27 @@ async def test_pool_wall_closes_a_connection_whose_tenant_changed(gateway_with: 
             assert pool is not None and pool.get_size() == 1
     finally:
         await admin_db.execute("REVOKE EXECUTE ON FUNCTION set_config(text, text, boolean) FROM app")
+
+
+async def test_release_rolls_back_a_pipelined_begin_asyncpg_never_saw(gateway_with: Any,
+                                                                     admin_db: asyncpg.Connection) -> None:
+    """A request cancelled right after its first Parse+Describe returned: the BEGIN that
+    travelled with it has no ReadyForQuery yet, so asyncpg thinks the connection is idle.
+    The pool's reset must roll it back, or the next request would run inside it."""
+    open_transactions = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND xact_start IS NOT NULL"
+    async with gateway_with(database={"pool_min_size": 1, "pool_max_size": 1}) as api:
+        pool = api.running.gateway.database.pool
+        assert pool is not None
+        async with pool.acquire() as conn:
+            conn._transport.write(_pipelined(["BEGIN", f"SET LOCAL app.tenant_id = '{TENANT_B}'"]))
+            conn.set_gateway_tx_open(True)
+            await conn.prepare("SELECT count(*) FROM events")
+            assert not conn.is_in_transaction()  # asyncpg's view: stale
+            assert await admin_db.fetchval(open_transactions) == 1  # the server's view
+        assert await admin_db.fetchval(open_transactions) == 0
+        r = await api.query("SELECT current_setting('transaction_isolation') AS iso, "
+                            "current_setting('app.tenant_id') AS t", isolation="serializable")
+        assert r.status == 200 and r.body["rows"] == [{"iso": "serializable", "t": TENANT_A}], r.body
 
 
 async def test_session_set_is_blocked_by_grants_too(gateway_with: Any) -> None:
