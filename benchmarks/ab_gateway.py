@@ -1,35 +1,84 @@
-"""Quick A/B of the gateway alone at saturation (wrk, 32 connections), for one code change at a time.
+"""Quick A/B of the gateway alone at saturation (wrk, 32 connections), for one change at a time.
 
-Not part of `make bench`: run it before and after a change on a quiet machine;
-it prints the best of three 8 s rounds.
+Not part of `make bench`.  Two ways:
+
+    python -m benchmarks.ab_gateway
+        the current code alone: best of three 8 s rounds (run before and after a change);
+    python -m benchmarks.ab_gateway database.describe_cache_size=0 [section.key=value ...]
+        two gateways on the same stack, the second with those config overrides, taking
+        turns for six 8 s rounds each: the median of each, and B / A.  Turns cancel most
+        of the drift a busy two-core machine shows between runs minutes apart (+-5 %).
 """
 
 from __future__ import annotations
 
+import contextlib
+import statistics
+import sys
 import tempfile
+import urllib.request
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from .harness import gateway_process, local_stack
-from .loadtools import wrk, write_requests
+from .loadtools import write_requests, wrk
 from .throughput import api_key_headers, gateway_body, mix
+
+LIMITS = {"rate_per_s": 100000, "burst": 100000, "max_concurrency": 32}
+
+
+def _overrides(args: list[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for arg in args:
+        path, _, value = arg.partition("=")
+        section, _, key = path.partition(".")
+        if not (section and key and value):
+            raise SystemExit(f"ab_gateway: expected section.key=value, got {arg!r}")
+        out.setdefault(section, {})[key] = yaml.safe_load(value)
+    return out
+
+
+def _lookups(admin_port: int) -> list[str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as r:
+        return [line for line in r.read().decode().splitlines()
+                if line.startswith("tenant_proxy_statement_description_lookups_total")]
 
 
 def main() -> None:
-    with local_stack(pool_size=20) as stack, tempfile.TemporaryDirectory() as tmp:
+    b_overrides = _overrides(sys.argv[1:])
+    with local_stack(pool_size=20) as stack, tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as servers:
         work = Path(tmp)
         stack.psql("INSERT INTO events (tenant_id, event_type, data, created_at) "
                    "SELECT ('00000000-0000-4000-8000-' || lpad((100000000000 + g % 100 + 1)::text, 12, '0'))::uuid, "
                    "'type-' || (g % 10), jsonb_build_object('n', g), now() - (g || ' seconds')::interval "
                    "FROM generate_series(1, 50000) g")
         stack.psql("ANALYZE events")
-        limits = {"rate_per_s": 100000, "burst": 100000, "max_concurrency": 32}
-        with gateway_process(stack, work, defaults=limits) as (port, _):
-            requests = write_requests(work / "requests.txt", [(gateway_body(e), api_key_headers(t))
-                                                               for t, e in mix(300, 1)])
-            url = f"http://127.0.0.1:{port}/v1/query"
+        requests = write_requests(work / "requests.txt", [(gateway_body(e), api_key_headers(t))
+                                                           for t, e in mix(300, 1)])
+        a_port, a_admin = servers.enter_context(gateway_process(stack, work, defaults=LIMITS))
+        a_url = f"http://127.0.0.1:{a_port}/v1/query"
+        if not b_overrides:
+            wrk(a_url, requests, duration_s=3)
+            best = max(wrk(a_url, requests, duration_s=8).ok_per_s for _ in range(3))
+            print(f"gateway: {best:.0f} req/s (best of 3 x 8 s)")
+            print("\n".join(_lookups(a_admin)))
+            return
+        b_port, b_admin = servers.enter_context(gateway_process(stack, work, defaults=LIMITS, **b_overrides))
+        b_url = f"http://127.0.0.1:{b_port}/v1/query"
+        for url in (a_url, b_url):
             wrk(url, requests, duration_s=3)
-            best = max(wrk(url, requests, duration_s=8).ok_per_s for _ in range(3))
-    print(f"gateway: {best:.0f} req/s (best of 3 x 8 s)")
+        a_rounds, b_rounds = [], []
+        for _ in range(6):
+            a_rounds.append(wrk(a_url, requests, duration_s=8).ok_per_s)
+            b_rounds.append(wrk(b_url, requests, duration_s=8).ok_per_s)
+        a, b = statistics.median(a_rounds), statistics.median(b_rounds)
+        print(f"A (as configured): {a:.0f} req/s, rounds {[round(x) for x in a_rounds]}")
+        print(f"B ({' '.join(sys.argv[1:])}): {b:.0f} req/s, rounds {[round(x) for x in b_rounds]}")
+        print(f"B / A: {b / a:.3f}")
+        for name, admin in (("A", a_admin), ("B", b_admin)):
+            print(name, *_lookups(admin), sep="\n  ")
 
 
 if __name__ == "__main__":
