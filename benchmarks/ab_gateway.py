@@ -5,9 +5,11 @@ Not part of `make bench`.  Two ways:
     python -m benchmarks.ab_gateway
         the current code alone: best of three 8 s rounds (run before and after a change);
     python -m benchmarks.ab_gateway database.describe_cache_size=0 [section.key=value ...]
-        two gateways on the same stack, the second with those config overrides, taking
-        turns for six 8 s rounds each: the median of each, and B / A.  Turns cancel most
-        of the drift a busy two-core machine shows between runs minutes apart (+-5 %).
+    python -m benchmarks.ab_gateway --b-tree /path/to/other/checkout [section.key=value ...]
+        two gateways on the same stack, the second with those config overrides or that
+        checkout's code (`git worktree add /tmp/before HEAD~1`), taking turns for six 8 s
+        rounds each: the median of each, and B / A.  Turns cancel most of the drift a
+        busy two-core machine shows between runs minutes apart (+-5 % and more).
 """
 
 from __future__ import annotations
@@ -47,7 +49,11 @@ def _lookups(admin_port: int) -> list[str]:
 
 
 def main() -> None:
-    b_overrides = _overrides(sys.argv[1:])
+    args = sys.argv[1:]
+    b_tree = None
+    if args[:1] == ["--b-tree"] and len(args) > 1:
+        b_tree, args = Path(args[1]).resolve(), args[2:]
+    b_overrides = _overrides(args)
     with local_stack(pool_size=20) as stack, tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as servers:
         work = Path(tmp)
         stack.psql("INSERT INTO events (tenant_id, event_type, data, created_at) "
@@ -59,13 +65,14 @@ def main() -> None:
                                                            for t, e in mix(300, 1)])
         a_port, a_admin = servers.enter_context(gateway_process(stack, work, defaults=LIMITS))
         a_url = f"http://127.0.0.1:{a_port}/v1/query"
-        if not b_overrides:
+        if not b_overrides and b_tree is None:
             wrk(a_url, requests, duration_s=3)
             best = max(wrk(a_url, requests, duration_s=8).ok_per_s for _ in range(3))
             print(f"gateway: {best:.0f} req/s (best of 3 x 8 s)")
             print("\n".join(_lookups(a_admin)))
             return
-        b_port, b_admin = servers.enter_context(gateway_process(stack, work, defaults=LIMITS, **b_overrides))
+        b_port, b_admin = servers.enter_context(gateway_process(stack, work, source=b_tree, defaults=LIMITS,
+                                                                **b_overrides))
         b_url = f"http://127.0.0.1:{b_port}/v1/query"
         for url in (a_url, b_url):
             wrk(url, requests, duration_s=3)

@@ -80,9 +80,11 @@ def run(coro: Any) -> Any:
 
 
 @contextlib.contextmanager
-def gateway_process(stack: LocalStack, workdir: Path, **overrides: Any) -> Iterator[tuple[int, int]]:
+def gateway_process(stack: LocalStack, workdir: Path, *, source: Path | None = None,
+                    **overrides: Any) -> Iterator[tuple[int, int]]:
     """Run `tenant-proxy serve` in its own process (so the load generator does not share its
-    event loop or core); yields (port, admin_port)."""
+    event loop or core); yields (port, admin_port).  ``source``: another checkout whose
+    ``proxy`` package to run (benchmarks/ab_gateway.py --b-tree)."""
     import subprocess
     import sys
     import time
@@ -104,7 +106,8 @@ def gateway_process(stack: LocalStack, workdir: Path, **overrides: Any) -> Itera
         raw[key] = {**raw.get(key, {}), **value}
     config = workdir / f"gateway-{port}.yaml"
     config.write_text(yaml.safe_dump(raw))
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config)])
+    env = None if source is None else {**os.environ, "PYTHONPATH": str(source)}
+    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config)], cwd=source, env=env)
     try:
         for _ in range(100):
             try:

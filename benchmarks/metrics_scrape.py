@@ -56,13 +56,13 @@ async def main() -> None:
         size = max(s for a, s in sizes if a == accept)
         lines.append(f"| {accept.split(';')[0]} | {statistics.median(ts) * 1000:.1f} ms | {max(ts) * 1000:.1f} ms "
                      f"| {size / 1024:.1f} KiB |")
-    body = "\n".join(lines) + (
+    text = "\n".join(lines) + (
         f"\n\n{TENANTS} distinct tenants sent {len(stream)} requests (each tenant once, then Zipf-distributed; "
         f"{len(stream) / traffic_s:.0f} req/s while doing so), "
         f"then {SCRAPES} scrapes per format. Label limit 50 (default). Process RSS (gateway and load generator "
         f"in one process): {rss_before:.0f} MiB before the traffic, {rss_after:.0f} MiB after.")
-    print(body)
-    record("Scrape cost at 10,000 tenants (issue 4)", body)
+    print(text)
+    record("Scrape cost at 10,000 tenants (issue 4)", text)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -46,7 +47,7 @@ async def measure(port: int) -> tuple[float, float, float, int]:
 
 async def main() -> None:
     rows = {}
-    limits = {"defaults": {"max_rows": ROWS, "max_response_bytes": 1 << 30}}
+    limits: dict[str, Any] = {"defaults": {"max_rows": ROWS, "max_response_bytes": 1 << 30}}
     with local_stack() as stack, tempfile.TemporaryDirectory() as tmp:
         for name, threshold in (("buffered (before)", ROWS + 1), ("streamed (after)", 1000)):
             with gateway_process(stack, Path(tmp), server={"stream_threshold_rows": threshold}, **limits) as (port, _):

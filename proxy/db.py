@@ -354,7 +354,8 @@ class Database:
             commit = wall + "; COMMIT"
             if hit is not None and version is not None and not results[0].streamed:
                 # (a streamed result was checked before its first row left)
-                commit = f"{wall}; {cache.check_sql(version)}; COMMIT"
+                # (one statement: the wall's division and the check, each failing its own way)
+                commit = f"{wall}, tenant_ddl.check_schema_version({int(version)}); COMMIT"
             try:
                 await conn.execute(commit, timeout=client_timeout)
                 conn.set_gateway_tx_open(False)

@@ -11,7 +11,7 @@ statement of a transaction, the statement goes out as::
     Parse <sql> with the remembered parameter types
     Bind+Execute+Sync                      (asyncpg's bind_execute)
     ...
-    <pool wall>; SELECT WHERE NOT tenant_ddl.check_schema_version(<v>); COMMIT
+    SELECT <pool wall>, tenant_ddl.check_schema_version(<v>); COMMIT
 
 in one round trip before the COMMIT, where an undescribed statement needs two.
 
@@ -121,7 +121,8 @@ class Descriptions:
 
     @staticmethod
     def check_sql(version: int) -> str:
-        """The check, for the COMMIT's round trip (or before a result starts streaming)."""
+        """The check on its own, before a result starts streaming (the COMMIT's round
+        trip has it as a column of the pool wall's statement)."""
         return f"SELECT WHERE NOT tenant_ddl.check_schema_version({int(version)})"
 
     def is_stale(self, exc: BaseException, sql: str) -> bool:
