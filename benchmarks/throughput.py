@@ -306,8 +306,10 @@ def report(r: dict[str, Any], total_s: float) -> str:
         f"- Code: {r['version']}. Data: {ROWS:,} events (100 tenants x 10 event types, created_at over the last "
         f"{DAYS} days; events is {r['layout']}), forced RLS, loaded set-based in {r['load_s']:.0f} s, then "
         "ANALYZE. The transaction everywhere: "
-        "`BEGIN; SET LOCAL app.tenant_id` (one round trip), the `event_type = $1 ORDER BY created_at DESC LIMIT 10` "
-        "query, `COMMIT`; random tenant and event type each time.",
+        "`BEGIN; SET LOCAL app.tenant_id`, the `event_type = $1 ORDER BY created_at DESC LIMIT 10` "
+        "query, `COMMIT`; random tenant and event type each time. Round trips: pgbench 3 (`BEGIN \\; SET LOCAL`, "
+        "the query, `COMMIT`), bare 4 (asyncpg adds Parse/Describe), gateway 2 (docs/tuning.md, \"Round trips "
+        "per request\"; plus its `SET LOCAL statement_timeout`, pool wall and schema check).",
         f"- One PgBouncer (transaction mode, pool 20); gateway and bare server pools of 20, each server in its own "
         f"process, all up for the whole run. {CLIENTS} clients everywhere. Gateway: guard, metrics and per-tenant "
         f"limits on (rate {LIMITS['rate_per_s']:,}/s, max_concurrency {LIMITS['max_concurrency']}: never refusing), "
