@@ -30,7 +30,7 @@ import orjson
 from . import idempotency
 from .audit import Finding, audit_role
 from .config import DatabaseConfig
-from .describe import SCHEMA_CHANGED, Described, Descriptions, pipelined
+from .describe import Described, Descriptions, pipelined
 from .encode import convert_params, type_label
 from .errors import (
     DATABASE_UNAVAILABLE,
@@ -303,22 +303,31 @@ class Database:
     async def _run(self, conn: asyncpg.Connection, tx: TxRequest, prefix: tuple[str, ...], wall: str,
                    client_timeout: float, use_descriptions: bool) -> Outcome:
         cache = self.descriptions
-        version = cache.version if cache.available else None  # known before anything below is parsed
-        first = None
-        if use_descriptions and version is not None and tx.claim is None and tx.statements:
+        # Known before anything below is parsed; None: no descriptions used or remembered.
+        version = cache.version if use_descriptions and tx.claim is None and tx.statements else None
+        first: Described | None = None
+        first_params: list[Any] | None = None
+        if version is not None:
             first = cache.lookup(tx.statements[0].sql)
+            if first is not None:
+                st0 = tx.statements[0]
+                try:  # before anything is sent: a refusal here is the description's or the caller's
+                    first_params = (st0.convert or convert_params)(st0.params, first.params)
+                except ApiError:
+                    first = None  # describe it, and let that decide
         hit = first
+        check = cache.check_sql(version) if version is not None else ""
         try:
             if tx.claim is None and not tx.statements:
                 await conn.execute("; ".join(prefix), timeout=client_timeout)
             else:
                 # The first thing below is always a Parse+Describe (asyncpg's prepare) or,
-                # for a statement described before, its Bind+Execute+Sync; the prefix (and
-                # that statement's Parse) travel in front of it in the same round trip.
-                head = pipelined(prefix)
-                if first is not None:
-                    head += first.parse
-                conn._transport.write(head)
+                # for a statement described before, asyncpg's Parse+Bind+Execute+Sync; the
+                # prefix travels in front of it in the same round trip.  Describing, the
+                # schema check goes with it (it returns no row), so that what is described
+                # is remembered only from a backend whose schema and settings are known.
+                head = prefix if hit is not None or version is None else (*prefix, check)
+                conn._transport.write(pipelined(head))
                 conn.set_gateway_tx_open(True)
             if tx.claim is not None:
                 replay = await _claim(conn, tx.tenant_id, tx.claim, client_timeout)
@@ -328,17 +337,25 @@ class Database:
             results = []
             for st in tx.statements:
                 try:
-                    results.append(await _one(conn, st, client_timeout, tx.max_rows, tx.sink, first,
-                                              cache if version is not None else None, version))
+                    results.append(await _one(conn, st, client_timeout, tx.max_rows, tx.sink, first, first_params,
+                                              cache if version is not None and hit is None else None, version,
+                                              check))
                 except (TimeoutError, asyncio.CancelledError, *_CONNECTION_ERRORS):
                     raise
                 except Exception as exc:
                     rows_left = tx.sink is not None and tx.sink.response is not None
-                    if first is not None and not rows_left and cache.is_stale(exc, st.sql):
-                        await _rollback(conn)
-                        raise _Redescribe() from None
+                    if version is not None and not rows_left:
+                        stale = cache.check_failed(exc)
+                        if not stale and first is not None:
+                            # A remembered statement failed: an error of the caller's, or
+                            # one a changed schema caused?  The check tells.
+                            await _rollback(conn)
+                            stale = await cache.changed_since(conn, check, client_timeout)
+                        if stale:
+                            await _rollback(conn)
+                            raise _Redescribe() from None
                     raise
-                first = None
+                first, first_params = None, None
             if tx.strict_rows and any(r.truncated for r in results):
                 raise ApiError(SQL_ERROR_DATA, f"a statement returned more than {tx.max_rows} rows (the tenant's "
                                "max_rows); add a LIMIT", sqlstate="54000")
@@ -352,10 +369,9 @@ class Database:
                 body = tx.render(results)
                 await conn.execute(idempotency.STORE_SQL, tx.claim.key, 200, body, timeout=client_timeout)
             commit = wall + "; COMMIT"
-            if hit is not None and version is not None and not results[0].streamed:
+            if hit is not None and not results[0].streamed:
                 # (a streamed result was checked before its first row left)
-                # (one statement: the wall's division and the check, each failing its own way)
-                commit = f"{wall}, tenant_ddl.check_schema_version({int(version)}); COMMIT"
+                commit = f"{wall}; {check}; COMMIT"
             try:
                 await conn.execute(commit, timeout=client_timeout)
                 conn.set_gateway_tx_open(False)
@@ -364,7 +380,7 @@ class Database:
                 _terminate(conn)
                 raise ApiError(STATEMENT_REJECTED, "the statement changed the tenant setting") from None
             except asyncpg.PostgresError as exc:
-                if exc.sqlstate == SCHEMA_CHANGED and cache.is_stale(exc, tx.statements[0].sql):
+                if hit is not None and cache.check_failed(exc):
                     await _rollback(conn)
                     raise _Redescribe() from None
                 raise
@@ -417,21 +433,22 @@ class _Redescribe(Exception):
 
 
 async def _one(conn: asyncpg.Connection, st: Statement, timeout: float, max_rows: int,
-               sink: RowSink | None = None, described: Described | None = None,
-               cache: Descriptions | None = None, version: int | None = None) -> Result:
-    if described is None:
+               sink: RowSink | None = None, described: Described | None = None, params: list[Any] | None = None,
+               cache: Descriptions | None = None, version: int | None = None, check: str = "") -> Result:
+    if described is None or params is None:
         stmt = await conn.prepare(st.sql, timeout=timeout)
-        parameters = stmt.get_parameters()
-        param_types = [_describe(t) for t in parameters]
+        param_types = [_describe(t) for t in stmt.get_parameters()]
         attributes = stmt.get_attributes()
         columns = [(a.name, type_label(*_describe(a.type))) for a in attributes]
         oids = [a.type.oid for a in attributes]
         state = stmt._state
         if cache is not None and version is not None:
-            cache.remember(st.sql, state, param_types, [t.oid for t in parameters], columns, oids, version)
+            cache.remember(st.sql, state, param_types, columns, oids, version)
+        params = (st.convert or convert_params)(st.params, param_types)
     else:
-        state, param_types, columns, oids = described.state, described.params, described.columns, described.oids
-    params = (st.convert or convert_params)(st.params, param_types)
+        # asyncpg parses it again itself, in front of the Bind (it marks statements
+        # unprepared when its cache is off): one round trip, one parse.
+        state, columns, oids = described.state, described.columns, described.oids
     streaming = sink is not None and bool(columns) and max_rows > sink.threshold
     # One Bind+Execute round trip with a row limit (one more than wanted, to detect
     # truncation) keeps a large result on the server.  When the result may stream, the
@@ -442,9 +459,9 @@ async def _one(conn: asyncpg.Connection, st: Statement, timeout: float, max_rows
     first = sink.threshold + 1 if streaming and sink is not None else max_rows + 1
     rows, status, done = await protocol.bind_execute(state, params, portal, first, True, timeout)
     if streaming and sink is not None and len(rows) > sink.threshold:
-        if described is not None:
+        if described is not None and check:
             # Rows are about to leave before the COMMIT's check: check now.
-            await conn.execute(Descriptions.check_sql(described.version), timeout=timeout)
+            await conn.execute(check, timeout=timeout)
         return await _streamed(protocol, state, portal, rows, st, columns, oids, timeout, max_rows, sink)
     truncated = len(rows) > max_rows
     if truncated:

@@ -2,33 +2,41 @@
 
 Through PgBouncer 1.18 in transaction mode asyncpg cannot keep prepared statements
 (``statement_cache_size=0``), so it parses and describes every statement: Parse+Describe,
-wait for the types, then Bind+Execute+Sync.  The first time the gateway runs a SQL text
-it does the same, and remembers what PostgreSQL described (asyncpg's statement state:
-parameter types and their codecs, result columns and theirs).  Afterwards, as the first
-statement of a transaction, the statement goes out as::
+wait for the types, then Parse+Bind+Execute+Sync (it parses unnamed statements again in
+front of their Bind).  The first time the gateway runs a SQL text it does the same, and
+remembers what PostgreSQL described (asyncpg's statement state: parameter types and
+their codecs, result columns and theirs).  Afterwards, as the first statement of a
+transaction, the statement goes out as::
 
     BEGIN, SET LOCAL ..., SET LOCAL ...    Parse/Bind/Execute each (``pipelined``)
-    Parse <sql> with the remembered parameter types
-    Bind+Execute+Sync                      (asyncpg's bind_execute)
+    Parse+Bind+Execute+Sync                (asyncpg's bind_execute, remembered state)
     ...
-    SELECT <pool wall>, tenant_ddl.check_schema_version(<v>); COMMIT
+    <pool wall>; SELECT WHERE NOT tenant_ddl.check_schema_version(<v>, <search_path>); COMMIT
 
 in one round trip before the COMMIT, where an undescribed statement needs two.
 
-Never a stale description: every DDL transaction bumps ``tenant_ddl.schema_version`` as
-part of itself (deploy/sql/006_schema_version.sql), and the transaction commits only if
-the version is still the one the description was remembered under.  Under READ
-COMMITTED that check reads the version with a snapshot taken after the statement was
-parsed, so whatever catalog the Parse saw, the check sees its version too (a description
-is remembered under the version known *before* it was described, never newer than the
-catalog it came from).  A mismatch (SQLSTATE TPSV1; the message ends with the current
-version) fails the COMMIT: the transaction rolls back, nothing was answered yet, and the
-gateway runs the request again, described, having forgotten its descriptions.  So does
-any error a changed schema could cause before that (a Parse that no longer type-checks,
-a row that does not decode).  A result large enough to stream checks the version before
-the first row leaves.  Other isolation levels take their snapshot at the first Parse,
-before the check could, so they always describe.  Without the SQL file the gateway
-describes every statement.
+Never a stale description.  Types depend on the catalog and on the session's
+search_path; every DDL transaction bumps ``tenant_ddl.schema_version`` as part of itself
+(deploy/sql/006_schema_version.sql), and the check fails (SQLSTATE TPSV1, the message
+ends with the current version) unless the version, the backend's search_path and the
+transaction's isolation (READ COMMITTED) are what descriptions were remembered under.
+
+* Describing: the check travels with the prefix (it returns no row), so descriptions
+  come only from backends that pass it; each is remembered under the version known
+  *before* it was described, never newer than the catalog it came from.
+* Using one: the COMMIT runs the check, after the statement was parsed.  Under READ
+  COMMITTED its snapshot is newer than that Parse, so whatever catalog the Parse saw,
+  the check sees that version too.  A result that streams is checked before its first
+  row leaves.  If the statement itself fails, the check is run on its own to tell a
+  schema change from the caller's error.
+* On a failed check the transaction rolls back (nothing was answered yet), every
+  description is forgotten, version, search_path and isolation are learnt again, and the
+  request runs again, described.  If the check cannot run at all (revoked, dropped),
+  descriptions are turned off.
+
+Other isolation levels take their snapshot at the first Parse, before the check could,
+so they always describe.  Without the SQL file the gateway describes every statement.
+Not covered: DDL with event triggers disabled (``session_replication_role = replica``).
 """
 
 from __future__ import annotations
@@ -45,10 +53,8 @@ import asyncpg
 log = logging.getLogger("tenant_proxy.db")
 
 SCHEMA_CHANGED = "TPSV1"
-# Errors a statement parsed with remembered types can meet when the catalog changed
-# before the check could run: undefined or mismatched types, columns, functions (class
-# 42, except 42501: privileges and row-level security), a Bind that no longer fits.
-_STALE_STATES = frozenset({"08P01", "22P03", "0A000"})
+# The check function is gone or may not be called (revoked, schema dropped).
+_CHECK_MISSING = frozenset({"42883", "3F000", "42501", "42P01"})
 
 # Bind (unnamed portal, unnamed statement, no parameters, default result format) + Execute (all rows).
 _BIND_EXECUTE = (b"B" + struct.pack("!i", 4 + 2 + 6) + b"\0\0" + b"\0\0" * 3
@@ -78,7 +84,6 @@ class Described:
     params: list[tuple[str, str, str | None]]  # (type name, kind, element) per parameter
     columns: list[tuple[str, str]]
     oids: list[int]
-    parse: bytes                               # Parse for the unnamed statement, with the parameter types
     version: int
 
 
@@ -90,6 +95,7 @@ class Descriptions:
         self.version: int | None = None          # None until learnt
         self.available = size > 0                # False once the database lacks the check
         self.read_committed_default = False      # the role's default isolation
+        self.search_path = ""                    # the backends' (checked with the version)
         self._entries: OrderedDict[str, Described] = OrderedDict()
         self.hits = 0
         self.misses = 0
@@ -112,40 +118,43 @@ class Descriptions:
         self.hits += 1
         return entry
 
-    def remember(self, sql: str, state: Any, params: list[tuple[str, str, str | None]], param_oids: list[int],
+    def remember(self, sql: str, state: Any, params: list[tuple[str, str, str | None]],
                  columns: list[tuple[str, str]], oids: list[int], version: int) -> None:
-        self._entries[sql] = Described(state, params, columns, oids, parse_message(sql, param_oids), version)
+        self._entries[sql] = Described(state, params, columns, oids, version)
         self._entries.move_to_end(sql)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
 
-    @staticmethod
-    def check_sql(version: int) -> str:
-        """The check on its own, before a result starts streaming (the COMMIT's round
-        trip has it as a column of the pool wall's statement)."""
-        return f"SELECT WHERE NOT tenant_ddl.check_schema_version({int(version)})"
+    def check_sql(self, version: int) -> str:
+        """The check (a statement that returns no row, or fails with TPSV1)."""
+        path = "'" + self.search_path.replace("'", "''") + "'"
+        return f"SELECT WHERE NOT tenant_ddl.check_schema_version({int(version)}, {path})"
 
-    def is_stale(self, exc: BaseException, sql: str) -> bool:
-        """Whether a transaction that used the remembered description of ``sql`` failed
-        for a reason a fresh description may not have; the caller then rolls back and
-        runs the transaction again, described.  Those reasons: the failed check (every
-        description is forgotten: they all predate the schema change), errors PostgreSQL
-        raises while parsing or binding (class 42, except 42501: privileges and row-level
-        security) and trouble encoding parameters or decoding rows with the remembered
-        codecs (that one description is forgotten: the others meet the check themselves)."""
-        if isinstance(exc, asyncpg.PostgresError):
-            state = exc.sqlstate or ""
-            if state == SCHEMA_CHANGED:
-                self._learn_from(exc)
-                self._entries.clear()
-            elif state in _STALE_STATES or (state.startswith("42") and state != "42501"):
-                self._entries.pop(sql, None)
-            else:
-                return False
+    def check_failed(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is the check's verdict: the schema, search_path or isolation is
+        not what descriptions were remembered under (every description is forgotten and
+        all three are learnt again), or the check cannot run any more (descriptions are
+        turned off).  The caller then rolls back and runs the transaction again, described."""
+        state = getattr(exc, "sqlstate", None) or ""
+        if state == SCHEMA_CHANGED:
+            self.version = None
+        elif state in _CHECK_MISSING and "schema_version" in f"{exc} {getattr(exc, 'context', None) or ''}":
+            self.available = False
+            log.warning("statement descriptions turned off: the schema check failed (%s)", state)
         else:
-            self._entries.pop(sql, None)
+            return False
+        self._entries.clear()
         self.stale += 1
         return True
+
+    async def changed_since(self, conn: asyncpg.Connection, check: str, timeout: float) -> bool:
+        """After a statement that used a description failed (and was rolled back): was it
+        the description?  Runs the check on its own; True when it fails (see above)."""
+        try:
+            await conn.execute(check, timeout=timeout)
+        except asyncpg.PostgresError as exc:
+            return self.check_failed(exc)
+        return False
 
     def _learn_from(self, exc: asyncpg.PostgresError) -> None:
         message = getattr(exc, "message", "") or ""
@@ -156,14 +165,15 @@ class Descriptions:
         """The schema version and default isolation, once (and again after a failure that
         left them unknown); turns descriptions off when the database lacks the check."""
         try:
-            iso = await conn.fetchval("SELECT pg_catalog.current_setting('default_transaction_isolation')",
-                                      timeout=timeout)
-            self.read_committed_default = iso == "read committed"
-            await conn.fetchval("SELECT tenant_ddl.check_schema_version(NULL)", timeout=timeout)
+            row = await conn.fetchrow("SELECT pg_catalog.current_setting('default_transaction_isolation') AS iso, "
+                                      "pg_catalog.current_setting('search_path') AS path", timeout=timeout)
+            self.read_committed_default = row["iso"] == "read committed"
+            self.search_path = row["path"]
+            await conn.fetchval("SELECT tenant_ddl.check_schema_version(NULL, NULL)", timeout=timeout)
         except asyncpg.PostgresError as exc:
             if exc.sqlstate == SCHEMA_CHANGED:
                 self._learn_from(exc)
-            elif exc.sqlstate in ("42883", "3F000", "42501"):
+            elif exc.sqlstate in _CHECK_MISSING:
                 self.available = False
                 log.info("statement descriptions are not remembered: the database lacks "
                          "tenant_ddl.check_schema_version (deploy/sql/006_schema_version.sql)")

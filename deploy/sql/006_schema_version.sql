@@ -3,12 +3,12 @@
 -- the tenant_ddl schema).
 --
 -- Why: the gateway remembers, per SQL text, the parameter and result types PostgreSQL
--- described the first time, and then sends Parse (with those parameter types), Bind
--- and Execute in one round trip instead of two.  Any DDL may change what a statement
--- means (a column's type, a new function overload), so every DDL transaction bumps the
--- version below as part of itself (committed or not with the DDL), and the gateway's
--- pipeline checks it right after parsing the caller's statement: a stale description
--- is never used (docs/tuning.md, "Statement descriptions").
+-- described the first time, and then sends Parse, Bind and Execute in one round trip
+-- instead of two.  Any DDL may change what a statement means (a column's type, a new
+-- function overload), so every DDL transaction bumps the version below as part of
+-- itself (committed or not with the DDL), and a transaction that used a description
+-- commits only if the check below still passes: a stale description is never used
+-- (docs/tuning.md, "Statement descriptions"; proxy/describe.py).
 --
 -- Sixty-four counters instead of one row: a DDL transaction takes the first counter
 -- no other transaction holds (SKIP LOCKED), so concurrent migrations never wait on, or
@@ -39,24 +39,31 @@ DROP EVENT TRIGGER IF EXISTS bump_schema_version;
 CREATE EVENT TRIGGER bump_schema_version ON ddl_command_end
   EXECUTE FUNCTION tenant_ddl.bump_schema_version();
 
--- The check: nothing when the version is `expected`; otherwise an error (SQLSTATE
--- TPSV1) whose message ends with the current version, so the gateway learns it without
--- another query.  Pass NULL to learn the version.
-CREATE OR REPLACE FUNCTION tenant_ddl.check_schema_version(expected bigint) RETURNS boolean
-  LANGUAGE plpgsql STABLE SET search_path = pg_catalog
+-- The check: true when the version is `expected`, this session's search_path is
+-- `expected_search_path` and the transaction is READ COMMITTED (search_path changes by
+-- ALTER ROLE/DATABASE ... SET fire no event trigger and reach new backends only; other
+-- isolation levels take their snapshot before the check could see a newer schema);
+-- otherwise an error (SQLSTATE TPSV1) whose message ends with the current version, so
+-- the gateway learns it without another query.  Pass NULLs to learn the version.
+-- No SET search_path on the function: it reads the caller's.
+DROP FUNCTION IF EXISTS tenant_ddl.check_schema_version(bigint);
+CREATE OR REPLACE FUNCTION tenant_ddl.check_schema_version(expected bigint, expected_search_path text)
+  RETURNS boolean LANGUAGE plpgsql STABLE
   AS $$
   DECLARE
     current bigint;
   BEGIN
-    SELECT sum(version) INTO current FROM tenant_ddl.schema_version;
-    IF expected IS DISTINCT FROM current THEN
+    SELECT pg_catalog.sum(s.version) INTO current FROM tenant_ddl.schema_version AS s;
+    IF expected IS DISTINCT FROM current
+       OR expected_search_path IS DISTINCT FROM pg_catalog.current_setting('search_path')
+       OR pg_catalog.current_setting('transaction_isolation') OPERATOR(pg_catalog.<>) 'read committed' THEN
       RAISE EXCEPTION 'schema version %', current USING ERRCODE = 'TPSV1';
     END IF;
     RETURN true;
   END
   $$;
-REVOKE ALL ON FUNCTION tenant_ddl.check_schema_version(bigint) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION tenant_ddl.check_schema_version(bigint) TO app;
+REVOKE ALL ON FUNCTION tenant_ddl.check_schema_version(bigint, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION tenant_ddl.check_schema_version(bigint, text) TO app;
 -- The check runs with the caller's rights (the audit warns of SECURITY DEFINER functions
 -- the gateway's role may call), so that role reads the counters: schema metadata, no
 -- tenant's data.

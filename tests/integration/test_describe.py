@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -74,7 +75,7 @@ async def test_a_column_type_change_is_never_decoded_with_the_old_type(api: Api,
         r = await api.query(read)
         assert r.status == 200, r.body
         assert r.body["columns"] == [{"name": "v", "type": label}] and r.body["rows"] == [{"v": expected}]
-    assert cache.stale >= stale + 3
+    assert cache.stale > stale
     r = await api.query("SELECT count(*) AS n FROM pg_prepared_statements")
     assert r.body["rows"] == [{"n": 0}]
 
@@ -107,7 +108,8 @@ async def test_writes_report_their_own_command_and_count(api: Api, admin_db: asy
 async def test_only_read_committed_uses_descriptions(api: Api) -> None:
     cache = primary(api).descriptions
     sql = "SELECT current_setting('transaction_isolation') AS iso"
-    await api.query(sql)
+    for _ in range(2):  # (the first may meet a schema change of an earlier test, and not be remembered)
+        await api.query(sql)
     hits = cache.hits
     for isolation in ("repeatable read", "serializable"):
         r = await api.query(sql, isolation=isolation)
@@ -119,7 +121,7 @@ async def test_only_read_committed_uses_descriptions(api: Api) -> None:
 
 async def test_without_the_schema_check_every_statement_is_described(gateway_with: Any,
                                                                       admin_db: asyncpg.Connection) -> None:
-    await admin_db.execute("REVOKE EXECUTE ON FUNCTION tenant_ddl.check_schema_version(bigint) FROM app")
+    await admin_db.execute("REVOKE EXECUTE ON FUNCTION tenant_ddl.check_schema_version(bigint, text) FROM app")
     try:
         async with gateway_with() as api:
             for _ in range(3):
@@ -128,7 +130,7 @@ async def test_without_the_schema_check_every_statement_is_described(gateway_wit
             cache = primary(api).descriptions
             assert not cache.available and cache.hits == 0 and len(cache) == 0
     finally:
-        await admin_db.execute("GRANT EXECUTE ON FUNCTION tenant_ddl.check_schema_version(bigint) TO app")
+        await admin_db.execute("GRANT EXECUTE ON FUNCTION tenant_ddl.check_schema_version(bigint, text) TO app")
     async with gateway_with(database={"describe_cache_size": 0}) as api:
         for _ in range(2):
             assert (await api.query("SELECT 1 AS one")).status == 200
@@ -154,3 +156,82 @@ async def test_a_streamed_result_checks_the_schema_before_its_first_row(gateway_
         r = await api.query(sql)
         assert r.status == 200, r.body
         assert r.body["columns"] == [{"name": "v", "type": "float4"}] and r.body["rows"][:2] == [{"v": 1.0}, {"v": 2.0}]
+
+
+@pytest.mark.usefixtures("described_table")
+async def test_parameters_the_old_types_refuse_are_described_again(api: Api, admin_db: asyncpg.Connection) -> None:
+    """A remembered statement whose parameter no longer fits its remembered type: the
+    request is answered as if described afresh, promptly (no stall, no 500)."""
+    sql = "SELECT v FROM described WHERE v = $1"
+    for _ in range(2):
+        assert (await api.query(sql, 42)).body["rows"] == [{"v": 42}]
+    await admin_db.execute("ALTER TABLE public.described ALTER COLUMN v TYPE bigint")
+    await admin_db.execute("INSERT INTO public.described (tenant_id, v) VALUES ($1, 3000000000)", TENANT_A)
+    for _ in range(2):  # int4 could not carry it; int8 can
+        r = await api.query(sql, 3_000_000_000)
+        assert r.status == 200 and r.body["rows"] == [{"v": 3_000_000_000}], r.body
+    await admin_db.execute("ALTER TABLE public.described ALTER COLUMN v TYPE text USING v::text")
+    for _ in range(2):
+        started = time.monotonic()
+        r = await api.query(sql, "abc")
+        assert r.status == 200 and r.body["rows"] == [], r.body
+        assert time.monotonic() - started < 2
+    # and a caller's own error on a remembered statement is still that error
+    r = await api.query("SELECT v FROM described WHERE v = $1 AND 1 / $2::int = 1", "42", 1)
+    r = await api.query("SELECT v FROM described WHERE v = $1 AND 1 / $2::int = 1", "42", 0)
+    assert r.status == 400 or r.status == 422
+    assert r.body["error"]["sqlstate"] == "22012", r.body
+
+
+async def test_search_path_differing_between_backends_is_caught(gateway_with: Any,
+                                                                admin_db: asyncpg.Connection) -> None:
+    """ALTER ROLE ... SET search_path fires no event trigger and reaches new backends only:
+    the same SQL text then means another table on them."""
+    await admin_db.execute("""
+        DROP SCHEMA IF EXISTS sp1, sp2 CASCADE;
+        CREATE SCHEMA sp1; CREATE SCHEMA sp2;
+        CREATE TABLE sp1.t (v integer); CREATE TABLE sp2.t (v real);
+        INSERT INTO sp1.t VALUES (7); INSERT INTO sp2.t VALUES (7.5);
+        GRANT USAGE ON SCHEMA sp1, sp2 TO app; GRANT SELECT ON sp1.t, sp2.t TO app;
+    """)
+
+    async def new_backends(path: str) -> None:
+        await admin_db.execute(f"ALTER ROLE app SET search_path = {path}")
+        await admin_db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'app'")
+
+    try:
+        await new_backends("sp1, public")
+        async with gateway_with() as api:
+            for _ in range(3):
+                r = await api.query("SELECT v FROM t")
+                if r.status == 200:
+                    break
+            assert r.body["rows"] == [{"v": 7}], r.body
+            assert (await api.query("SELECT v FROM t")).body["rows"] == [{"v": 7}]  # remembered
+            await new_backends("sp2, public")
+            for _ in range(3):
+                r = await api.query("SELECT v FROM t")
+                if r.status == 200:
+                    break
+            # float4's bits read as int4 would be 1089470464
+            assert r.body["columns"] == [{"name": "v", "type": "float4"}] and r.body["rows"] == [{"v": 7.5}], r.body
+    finally:
+        await admin_db.execute("ALTER ROLE app RESET search_path")
+        await admin_db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'app'")
+        await admin_db.execute("DROP SCHEMA IF EXISTS sp1, sp2 CASCADE")
+
+
+async def test_a_check_revoked_while_running_turns_descriptions_off(gateway_with: Any,
+                                                                   admin_db: asyncpg.Connection) -> None:
+    async with gateway_with() as api:
+        sql = "SELECT count(*) AS n FROM events WHERE event_type LIKE $1"
+        for _ in range(2):
+            assert (await api.query(sql, "a-%")).status == 200
+        await admin_db.execute("REVOKE EXECUTE ON FUNCTION tenant_ddl.check_schema_version(bigint, text) FROM app")
+        try:
+            for _ in range(3):
+                r = await api.query(sql, "a-%")
+                assert r.status == 200 and r.body["rows"][0]["n"] >= 3, r.body
+            assert not primary(api).descriptions.available
+        finally:
+            await admin_db.execute("GRANT EXECUTE ON FUNCTION tenant_ddl.check_schema_version(bigint, text) TO app")

@@ -18,7 +18,7 @@ def _error(sqlstate: str, message: str = "boom") -> asyncpg.PostgresError:
 
 
 def _remember(cache: Descriptions, sql: str, version: int = 7) -> None:
-    cache.remember(sql, SimpleNamespace(), [("int4", "scalar", None)], [23], [("n", "int4")], [23], version)
+    cache.remember(sql, SimpleNamespace(), [("int4", "scalar", None)], [("n", "int4")], [23], version)
 
 
 def test_entries_are_valid_for_their_version_only_and_bounded() -> None:
@@ -45,23 +45,25 @@ def test_only_read_committed_transactions_use_descriptions() -> None:
     assert not Descriptions(0).usable("read committed")
 
 
-def test_what_counts_as_stale() -> None:
+def test_what_the_check_says() -> None:
     cache = Descriptions(10)
     cache.version = 7
     for sql in ("a", "b"):
         _remember(cache, sql)
-    # a parse-time error forgets that statement only
-    assert cache.is_stale(_error("42804"), "a") and len(cache) == 1 and cache.version == 7
-    # an encoding or decoding failure too
-    _remember(cache, "a")
-    assert cache.is_stale(ValueError("bad row"), "a") and len(cache) == 1
-    # errors a fresh description would meet as well are the caller's
-    for state in ("42501", "23505", "57014", "22012", "40001"):
-        assert not cache.is_stale(_error(state), "b")
-    # the failed check forgets everything and learns the version from the message
-    _remember(cache, "a")
-    assert cache.is_stale(_error(SCHEMA_CHANGED, "schema version 12"), "a")
-    assert len(cache) == 0 and cache.version == 12 and cache.stale == 3
+    # errors of the caller's statement are not the check's verdict (the gateway asks the
+    # check itself when a remembered statement fails: tests/integration/test_describe.py)
+    for exc in (_error("42804"), _error("42501", "permission denied for table t"), _error("23505"),
+                asyncpg.DataError("invalid input for query argument $1"), ValueError("bad row")):
+        assert not cache.check_failed(exc)
+    assert len(cache) == 2 and cache.stale == 0
+    # the failed check forgets everything and has the version, search_path and isolation learnt again
+    assert cache.check_failed(_error(SCHEMA_CHANGED, "schema version 12"))
+    assert len(cache) == 0 and cache.version is None and cache.stale == 1
+    # a check that cannot run any more turns descriptions off
+    cache.version = 12
+    _remember(cache, "a", 12)
+    assert cache.check_failed(_error("42501", "permission denied for function check_schema_version"))
+    assert not cache.available and len(cache) == 0 and not cache.usable("read committed")
 
 
 def test_messages_are_well_formed() -> None:
@@ -74,4 +76,7 @@ def test_messages_are_well_formed() -> None:
         kinds.append(out[at:at + 1])
         at += 1 + struct.unpack("!i", out[at + 1:at + 5])[0]
     assert at == len(out) and kinds == [b"P", b"B", b"E"] * 2
-    assert Descriptions.check_sql(5) == "SELECT WHERE NOT tenant_ddl.check_schema_version(5)"
+    cache = Descriptions(1)
+    cache.search_path = "\"$user\", public, o'brien"
+    assert cache.check_sql(5) == ("SELECT WHERE NOT tenant_ddl.check_schema_version(5, "
+                                  "'\"$user\", public, o''brien')")
