@@ -4,7 +4,7 @@ Not part of `make bench`.  Two ways:
 
     python -m benchmarks.ab_gateway
         the current code alone: best of three 8 s rounds (run before and after a change);
-    python -m benchmarks.ab_gateway database.describe_cache_size=0 [section.key=value ...]
+    python -m benchmarks.ab_gateway database.pool_max_size=10 [section.key=value ...]
     python -m benchmarks.ab_gateway --b-tree /path/to/other/checkout [section.key=value ...]
         two gateways on the same stack, the second with those config overrides or that
         checkout's code (`git worktree add /tmp/before HEAD~1`), taking turns for six 8 s
@@ -18,7 +18,6 @@ import contextlib
 import statistics
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +41,6 @@ def _overrides(args: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _lookups(admin_port: int) -> list[str]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as r:
-        return [line for line in r.read().decode().splitlines()
-                if line.startswith("tenant_proxy_statement_description_lookups_total")]
-
-
 def main() -> None:
     args = sys.argv[1:]
     b_tree = None
@@ -63,15 +56,14 @@ def main() -> None:
         stack.psql("ANALYZE events")
         requests = write_requests(work / "requests.txt", [(gateway_body(e), api_key_headers(t))
                                                            for t, e in mix(300, 1)])
-        a_port, a_admin = servers.enter_context(gateway_process(stack, work, defaults=LIMITS))
+        a_port, _ = servers.enter_context(gateway_process(stack, work, defaults=LIMITS))
         a_url = f"http://127.0.0.1:{a_port}/v1/query"
         if not b_overrides and b_tree is None:
             wrk(a_url, requests, duration_s=3)
             best = max(wrk(a_url, requests, duration_s=8).ok_per_s for _ in range(3))
             print(f"gateway: {best:.0f} req/s (best of 3 x 8 s)")
-            print("\n".join(_lookups(a_admin)))
             return
-        b_port, b_admin = servers.enter_context(gateway_process(stack, work, source=b_tree, defaults=LIMITS,
+        b_port, _ = servers.enter_context(gateway_process(stack, work, source=b_tree, defaults=LIMITS,
                                                                 **b_overrides))
         b_url = f"http://127.0.0.1:{b_port}/v1/query"
         for url in (a_url, b_url):
@@ -84,8 +76,6 @@ def main() -> None:
         print(f"A (as configured): {a:.0f} req/s, rounds {[round(x) for x in a_rounds]}")
         print(f"B ({' '.join(sys.argv[1:])}): {b:.0f} req/s, rounds {[round(x) for x in b_rounds]}")
         print(f"B / A: {b / a:.3f}")
-        for name, admin in (("A", a_admin), ("B", b_admin)):
-            print(name, *_lookups(admin), sep="\n  ")
 
 
 if __name__ == "__main__":

@@ -308,8 +308,8 @@ def report(r: dict[str, Any], total_s: float) -> str:
         "ANALYZE. The transaction everywhere: "
         "`BEGIN; SET LOCAL app.tenant_id`, the `event_type = $1 ORDER BY created_at DESC LIMIT 10` "
         "query, `COMMIT`; random tenant and event type each time. Round trips: pgbench 3 (`BEGIN \\; SET LOCAL`, "
-        "the query, `COMMIT`), bare 4 (asyncpg adds Parse/Describe), gateway 2 (docs/tuning.md, \"Round trips "
-        "per request\"; plus its `SET LOCAL statement_timeout`, pool wall and schema check).",
+        "the query, `COMMIT`), bare 4 (asyncpg adds Parse/Describe), gateway 3 (docs/tuning.md, \"Round trips "
+        "per request\"; plus its `SET LOCAL statement_timeout` and pool wall).",
         f"- One PgBouncer (transaction mode, pool 20); gateway and bare server pools of 20, each server in its own "
         f"process, all up for the whole run. {CLIENTS} clients everywhere. Gateway: guard, metrics and per-tenant "
         f"limits on (rate {LIMITS['rate_per_s']:,}/s, max_concurrency {LIMITS['max_concurrency']}: never refusing), "

@@ -75,8 +75,6 @@ class DatabaseConfig:
     pgbouncer_admin_dsn: str | None = None
     # Streaming replicas (each behind its own PgBouncer) for read-only requests.
     replicas: tuple[str, ...] = ()
-    # Statement descriptions remembered per SQL text (0: describe every statement).
-    describe_cache_size: int = 1024
 
 
 DEFAULT_CLUSTER = "default"

@@ -220,7 +220,7 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
     if "database" not in raw:
         r.fail("database", "is required")
     d = r.section(raw, "database", {"dsn", "pool_min_size", "pool_max_size", "acquire_timeout_ms",
-                                    "connect_timeout_ms", "pgbouncer_admin_dsn", "replicas", "describe_cache_size"})
+                                    "connect_timeout_ms", "pgbouncer_admin_dsn", "replicas"})
     dsn = _dsn(r, d, "database", required="database" in raw)
     database = DatabaseConfig(
         dsn=dsn,
@@ -230,7 +230,6 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
         connect_timeout_ms=r.int_(d, "connect_timeout_ms", "database", 2000, lo=1),
         pgbouncer_admin_dsn=r.str_(d, "pgbouncer_admin_dsn", "database"),
         replicas=_replicas(r, d, "database"),
-        describe_cache_size=r.int_(d, "describe_cache_size", "database", 1024, lo=0, hi=1_000_000),
     )
     clusters = {DEFAULT_CLUSTER: ClusterConfig(DEFAULT_CLUSTER, database.dsn, database.replicas)}
     raw_clusters = raw.get("clusters") or {}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -30,7 +31,6 @@ import orjson
 from . import idempotency
 from .audit import Finding, audit_role
 from .config import DatabaseConfig
-from .describe import Described, Descriptions, pipelined
 from .encode import convert_params, type_label
 from .errors import (
     DATABASE_UNAVAILABLE,
@@ -75,9 +75,6 @@ class PoolStats:
     max: int
     waiting: int
     timeouts: int
-    # statement descriptions (describe.py): remembered now; hits, misses, found stale so far
-    descriptions: int = 0
-    described: tuple[int, int, int] = (0, 0, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +121,6 @@ class RowSink(Protocol):
 
     threshold: int   # up to this many rows, results are returned whole instead
     batch_rows: int
-    response: Any    # None until start(): after that, rows have left and nothing can be redone
 
     async def start(self, columns: list[tuple[str, str]]) -> None: ...
 
@@ -192,6 +188,28 @@ def _jsonb_decode(data: bytes) -> orjson.Fragment:
     return orjson.Fragment(data[1:])
 
 
+# Extended-protocol messages for one parameterless statement, unnamed statement and portal:
+# Parse (no parameter types), Bind (no parameters, default result format), Execute (all rows).
+_BIND_EXECUTE = (b"B" + struct.pack("!i", 4 + 2 + 6) + b"\0\0" + b"\0\0" * 3
+                 + b"E" + struct.pack("!i", 4 + 1 + 4) + b"\0" + b"\0\0\0\0")
+
+
+def _pipelined(statements: Sequence[str]) -> bytes:
+    """``statements`` as Parse/Bind/Execute messages with no Sync after them.
+
+    Written straight onto the connection just before asyncpg's own Parse+Describe+Flush
+    (its ``prepare``), they run in the same round trip, ahead of it: asyncpg's prepare
+    state skips the ParseComplete/BindComplete/CommandComplete replies they produce, and
+    an error among them ends the prepare with that error (asyncpg then sends the Sync).
+    This saves the round trip a separate ``BEGIN; SET LOCAL ...`` simple query costs."""
+    out = bytearray()
+    for sql in statements:
+        query = sql.encode()
+        out += b"P" + struct.pack("!i", 4 + 1 + len(query) + 1 + 2) + b"\0" + query + b"\0\0\0"
+        out += _BIND_EXECUTE
+    return bytes(out)
+
+
 def _quote_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
@@ -208,15 +226,13 @@ class Database:
         self.timeouts = 0
         # (finished at, pool wait, transaction time) of recent transactions, for /admin/pool.
         self.recent: deque[tuple[float, float, float]] = deque(maxlen=20000)
-        self.descriptions = Descriptions(cfg.describe_cache_size)
 
     def stats(self) -> PoolStats:
         pool = self.pool
         size = pool.get_size() if pool is not None else 0
         idle = pool.get_idle_size() if pool is not None else 0
-        d = self.descriptions
         return PoolStats(name=self.name, size=size, idle=idle, max=self.cfg.pool_max_size, waiting=self.waiting,
-                         timeouts=self.timeouts, descriptions=len(d), described=(d.hits, d.misses, d.stale))
+                         timeouts=self.timeouts)
 
     async def start(self) -> None:
         kwargs: dict[str, Any] = dict(
@@ -266,7 +282,8 @@ class Database:
         # The pool wall: COMMIT only if the tenant setting is still the one we set.  A
         # mismatch divides by zero, which aborts the transaction before COMMIT runs, in
         # the same round trip as the COMMIT itself.
-        wall = f"SELECT 1 / (pg_catalog.current_setting('{self.guc}', true) IS NOT DISTINCT FROM {quoted})::int"
+        commit = (f"SELECT 1 / (pg_catalog.current_setting('{self.guc}', true) IS NOT DISTINCT FROM {quoted})::int"
+                  "; COMMIT")
         client_timeout = tx.timeout_ms / 1000 + _CLIENT_TIMEOUT_MARGIN_S
 
         started = time.perf_counter()
@@ -283,79 +300,29 @@ class Database:
             trace.wait_s = time.perf_counter() - started
         started = time.perf_counter()
         try:
-            cache = self.descriptions
-            if cache.available and cache.version is None:
-                try:
-                    await cache.learn(conn, client_timeout)
-                except (TimeoutError, *_CONNECTION_ERRORS) as exc:
-                    _terminate(conn)
-                    raise _unavailable(exc) from None
-            try:
-                return await self._run(conn, tx, prefix, wall, client_timeout, cache.usable(tx.isolation))
-            except _Redescribe:
-                return await self._run(conn, tx, prefix, wall, client_timeout, False)
+            return await self._run(conn, tx, prefix, commit, client_timeout)
         finally:
             done = time.perf_counter()
             trace.db_s = done - started
             self.recent.append((time.monotonic(), trace.wait_s or 0.0, trace.db_s))
             await _release(self.pool, conn)
 
-    async def _run(self, conn: asyncpg.Connection, tx: TxRequest, prefix: tuple[str, ...], wall: str,
-                   client_timeout: float, use_descriptions: bool) -> Outcome:
-        cache = self.descriptions
-        # Known before anything below is parsed; None: no descriptions used or remembered.
-        version = cache.version if use_descriptions and tx.claim is None and tx.statements else None
-        first: Described | None = None
-        first_params: list[Any] | None = None
-        if version is not None:
-            first = cache.lookup(tx.statements[0].sql)
-            if first is not None:
-                st0 = tx.statements[0]
-                try:  # before anything is sent: a refusal here is the description's or the caller's
-                    first_params = (st0.convert or convert_params)(st0.params, first.params)
-                except ApiError:
-                    first = None  # describe it, and let that decide
-        hit = first
-        check = cache.check_sql(version) if version is not None else ""
+    async def _run(self, conn: asyncpg.Connection, tx: TxRequest, prefix: tuple[str, ...], commit: str,
+                   client_timeout: float) -> Outcome:
         try:
             if tx.claim is None and not tx.statements:
                 await conn.execute("; ".join(prefix), timeout=client_timeout)
             else:
-                # The first thing below is always a Parse+Describe (asyncpg's prepare) or,
-                # for a statement described before, asyncpg's Parse+Bind+Execute+Sync; the
-                # prefix travels in front of it in the same round trip.  Describing, the
-                # schema check goes with it (it returns no row), so that what is described
-                # is remembered only from a backend whose schema and settings are known.
-                head = prefix if hit is not None or version is None else (*prefix, check)
-                conn._transport.write(pipelined(head))
+                # The first thing below is always a Parse+Describe (asyncpg's prepare); the
+                # prefix travels in front of it in the same round trip.
+                conn._transport.write(_pipelined(prefix))
                 conn.set_gateway_tx_open(True)
             if tx.claim is not None:
                 replay = await _claim(conn, tx.tenant_id, tx.claim, client_timeout)
                 if replay is not None:
                     await _rollback(conn)
                     return Outcome(results=[], replay=replay)
-            results = []
-            for st in tx.statements:
-                try:
-                    results.append(await _one(conn, st, client_timeout, tx.max_rows, tx.sink, first, first_params,
-                                              cache if version is not None and hit is None else None, version,
-                                              check))
-                except (TimeoutError, asyncio.CancelledError, *_CONNECTION_ERRORS):
-                    raise
-                except Exception as exc:
-                    rows_left = tx.sink is not None and tx.sink.response is not None
-                    if version is not None and not rows_left:
-                        stale = cache.check_failed(exc)
-                        if not stale and first is not None:
-                            # A remembered statement failed: an error of the caller's, or
-                            # one a changed schema caused?  The check tells.
-                            await _rollback(conn)
-                            stale = await cache.changed_since(conn, check, client_timeout)
-                        if stale:
-                            await _rollback(conn)
-                            raise _Redescribe() from None
-                    raise
-                first, first_params = None, None
+            results = [await _one(conn, st, client_timeout, tx.max_rows, tx.sink) for st in tx.statements]
             if tx.strict_rows and any(r.truncated for r in results):
                 raise ApiError(SQL_ERROR_DATA, f"a statement returned more than {tx.max_rows} rows (the tenant's "
                                "max_rows); add a LIMIT", sqlstate="54000")
@@ -368,10 +335,6 @@ class Database:
                 assert tx.render is not None
                 body = tx.render(results)
                 await conn.execute(idempotency.STORE_SQL, tx.claim.key, 200, body, timeout=client_timeout)
-            commit = wall + "; COMMIT"
-            if hit is not None and not results[0].streamed:
-                # (a streamed result was checked before its first row left)
-                commit = f"{wall}; {check}; COMMIT"
             try:
                 await conn.execute(commit, timeout=client_timeout)
                 conn.set_gateway_tx_open(False)
@@ -379,14 +342,12 @@ class Database:
                 await _rollback(conn)
                 _terminate(conn)
                 raise ApiError(STATEMENT_REJECTED, "the statement changed the tenant setting") from None
-            except asyncpg.PostgresError as exc:
-                if hit is not None and cache.check_failed(exc):
-                    await _rollback(conn)
-                    raise _Redescribe() from None
-                raise
             return Outcome(results=results, body=body)
         except asyncpg.PostgresError as exc:
             await _rollback(conn)
+            if type(exc) is asyncpg.DataError:
+                # asyncpg's own (the server's data errors are subclasses): a parameter its codec refused
+                raise ApiError(INVALID_REQUEST, f"invalid parameter: {exc}") from None
             raise from_sqlstate(exc.sqlstate, getattr(exc, "message", None) or "database error") from None
         except ApiError:
             await _rollback(conn)
@@ -394,9 +355,6 @@ class Database:
         except TimeoutError:
             _terminate(conn)
             raise ApiError(STATEMENT_TIMEOUT, "statement cancelled: it ran past its time limit") from None
-        except asyncpg.DataError as exc:
-            await _rollback(conn)
-            raise ApiError(INVALID_REQUEST, f"invalid parameter: {exc}") from None
         except asyncpg.UnsupportedClientFeatureError:
             # Raised while decoding a result: the connection's protocol state is unknown.
             _terminate(conn)
@@ -405,8 +363,6 @@ class Database:
         except _CONNECTION_ERRORS as exc:
             _terminate(conn)
             raise _unavailable(exc) from None
-        except _Redescribe:
-            raise  # rolled back already; the connection is fine
         except asyncio.CancelledError:
             # The client hung up.  asyncpg has sent PostgreSQL a cancel request for the
             # running statement; releasing the connection waits for it, then rolls back.
@@ -427,28 +383,13 @@ async def _claim(conn: asyncpg.Connection, tenant_id: str, claim: idempotency.Cl
     return replay
 
 
-class _Redescribe(Exception):
-    """A remembered description may be stale: the transaction was rolled back before the
-    statement ran; run it again, describing every statement."""
-
-
 async def _one(conn: asyncpg.Connection, st: Statement, timeout: float, max_rows: int,
-               sink: RowSink | None = None, described: Described | None = None, params: list[Any] | None = None,
-               cache: Descriptions | None = None, version: int | None = None, check: str = "") -> Result:
-    if described is None or params is None:
-        stmt = await conn.prepare(st.sql, timeout=timeout)
-        param_types = [_describe(t) for t in stmt.get_parameters()]
-        attributes = stmt.get_attributes()
-        columns = [(a.name, type_label(*_describe(a.type))) for a in attributes]
-        oids = [a.type.oid for a in attributes]
-        state = stmt._state
-        if cache is not None and version is not None:
-            cache.remember(st.sql, state, param_types, columns, oids, version)
-        params = (st.convert or convert_params)(st.params, param_types)
-    else:
-        # asyncpg parses it again itself, in front of the Bind (it marks statements
-        # unprepared when its cache is off): one round trip, one parse.
-        state, columns, oids = described.state, described.columns, described.oids
+               sink: RowSink | None = None) -> Result:
+    stmt = await conn.prepare(st.sql, timeout=timeout)
+    params = (st.convert or convert_params)(st.params, [_describe(t) for t in stmt.get_parameters()])
+    attributes = stmt.get_attributes()
+    columns = [(a.name, type_label(*_describe(a.type))) for a in attributes]
+    oids = [a.type.oid for a in attributes]
     streaming = sink is not None and bool(columns) and max_rows > sink.threshold
     # One Bind+Execute round trip with a row limit (one more than wanted, to detect
     # truncation) keeps a large result on the server.  When the result may stream, the
@@ -457,19 +398,14 @@ async def _one(conn: asyncpg.Connection, st: Statement, timeout: float, max_rows
     protocol = conn._protocol
     portal = conn._get_unique_id("portal") if streaming else ""
     first = sink.threshold + 1 if streaming and sink is not None else max_rows + 1
-    rows, status, done = await protocol.bind_execute(state, params, portal, first, True, timeout)
+    rows, status, done = await protocol.bind_execute(stmt._state, params, portal, first, True, timeout)
     if streaming and sink is not None and len(rows) > sink.threshold:
-        if described is not None and check:
-            # Rows are about to leave before the COMMIT's check: check now.
-            await conn.execute(check, timeout=timeout)
-        return await _streamed(protocol, state, portal, rows, st, columns, oids, timeout, max_rows, sink)
+        return await _streamed(protocol, stmt._state, portal, rows, st, columns, oids, timeout, max_rows, sink)
     truncated = len(rows) > max_rows
     if truncated:
         del rows[max_rows:]
     status = status.decode() if status else ""
-    # A suspended portal (more rows than asked for) has no command tag of its own; the
-    # last one seen may then belong to a statement pipelined before it.
-    if status and done and not truncated:
+    if status and done:
         tag, _, count = status.rpartition(" ")
         command = tag.split(" ")[0] if tag else status
         row_count = int(count) if count.isdigit() and not columns else len(rows)

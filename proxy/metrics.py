@@ -248,23 +248,13 @@ def _pool_families(pools: list[PoolStats]) -> Iterator[Metric]:
                                 labels=["pool"])
     size = GaugeMetricFamily("tenant_proxy_pool_max", "Pool size limit", labels=["pool"])
     timeouts = CounterMetricFamily("tenant_proxy_pool_timeouts", "Acquire timeouts", labels=["pool"])
-    remembered = GaugeMetricFamily("tenant_proxy_statement_descriptions",
-                                   "Statement descriptions remembered (one round trip fewer per statement)",
-                                   labels=["pool"])
-    lookups = CounterMetricFamily("tenant_proxy_statement_description_lookups",
-                                  "First statements of a transaction by description: hit, miss (described "
-                                  "anew) or stale (the schema changed; run again, described)",
-                                  labels=["pool", "result"])
     for p in pools:
         conns.add_metric([p.name, "idle"], p.idle)
         conns.add_metric([p.name, "in_use"], p.size - p.idle)
         waiting.add_metric([p.name], p.waiting)
         size.add_metric([p.name], p.max)
         timeouts.add_metric([p.name], p.timeouts)
-        remembered.add_metric([p.name], p.descriptions)
-        for result, n in zip(("hit", "miss", "stale"), p.described, strict=True):
-            lookups.add_metric([p.name, result], n)
-    yield from (conns, waiting, size, timeouts, remembered, lookups)
+    yield from (conns, waiting, size, timeouts)
 
 
 _POOL_COLUMNS = {

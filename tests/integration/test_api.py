@@ -157,6 +157,7 @@ async def test_invalid_requests(api: Api) -> None:
         (b'{"sql": "SELECT $1::int + $2::int", "params": [1]}', "expects 2 parameter(s), 1 given"),
         (b'{"sql": "SELECT $1::int", "params": ["abc"]}', "parameter $1 (int4): expected an integer"),
         (b'{"sql": "SELECT $1::timestamptz", "params": [5]}', "parameter $1 (timestamptz)"),
+        (b'{"sql": "SELECT $1::int", "params": [3000000000]}', "invalid input for query argument $1"),
     ]
     for raw, message in cases:
         r = await api.request("POST", "/v1/query", data=raw, headers={"Content-Type": "application/json"})
