@@ -22,7 +22,7 @@ from aiohttp import web
 from . import __version__, admin, handlers, idempotency, jwks, neon, openapi
 from .auth import Authenticator, KeySource
 from .config import ConfigError, Limits, LoggingConfig, Settings, load_config
-from .db import DATABASE_ERRORS, Database, PoolStats, RoleCanBypassRls, Statement, TxRequest
+from .db import DATABASE_ERRORS, Database, PoolStats, RoleCanBypassRls, TxRequest
 from .errors import ApiError, error_middleware
 from .guard import Guard
 from .jwks import JwksRefresher
@@ -30,6 +30,7 @@ from .keys import GATEWAY, REQUEST_ID, TRACE
 from .limits import Scheduler
 from .metrics import Metrics
 from .routing import Router
+from .statement import Statement
 from .trace import RequestTrace
 
 log = logging.getLogger("tenant_proxy")

@@ -6,7 +6,7 @@ Per request, through PgBouncer in transaction mode::
         -- the id was validated and canonicalised by tenancy; sent as Parse/Bind/Execute
         -- messages in the same round trip as the first statement's Parse+Describe
     <caller statements>   -- extended protocol only, unnamed statements (statement_cache_size=0):
-                          -- Parse+Describe, then Bind+Execute+Sync with a row limit
+                          -- Parse+Describe, then Bind+Execute+Sync with a row limit (statement.py)
     check the transaction is still open
     COMMIT                -- or ROLLBACK on any error
 
@@ -18,12 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import struct
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import orjson
@@ -31,7 +30,6 @@ import orjson
 from . import idempotency
 from .audit import Finding, audit_role
 from .config import DatabaseConfig
-from .encode import convert_params, type_label
 from .errors import (
     DATABASE_UNAVAILABLE,
     INVALID_REQUEST,
@@ -42,6 +40,7 @@ from .errors import (
     ApiError,
     from_sqlstate,
 )
+from .statement import Result, RowSink, Statement, pipelined, run_statement
 from .trace import RequestTrace
 
 log = logging.getLogger("tenant_proxy.db")
@@ -56,15 +55,6 @@ _CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.Connecti
 
 # Exceptions that mean "the database refused or could not be reached" (for callers outside this module).
 DATABASE_ERRORS: tuple[type[Exception], ...] = (*_CONNECTION_ERRORS, asyncpg.PostgresError)
-
-
-@dataclass(frozen=True, slots=True)
-class Statement:
-    sql: str
-    params: Sequence[Any]
-    command: str
-    # How params become driver values for the types PostgreSQL inferred (default: JSON, encode.py).
-    convert: Callable[[Sequence[Any], Sequence[tuple[str, str, str | None]]], list[Any]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,29 +93,6 @@ class Outcome:
     results: list[Result]
     body: bytes | None = None                 # rendered inside the transaction (idempotent requests)
     replay: idempotency.Replay | None = None  # the stored answer to an earlier identical request
-
-
-@dataclass(slots=True)
-class Result:
-    columns: list[tuple[str, str]]
-    rows: list[asyncpg.Record]
-    row_count: int
-    command: str
-    truncated: bool
-    streamed: bool = False  # the rows went to a RowSink as they came
-    type_oids: list[int] = field(default_factory=list)  # of the columns, in order
-
-
-class RowSink(Protocol):
-    """Where a large result goes, batch by batch, while the transaction is still open."""
-
-    threshold: int   # up to this many rows, results are returned whole instead
-    batch_rows: int
-
-    async def start(self, columns: list[tuple[str, str]]) -> None: ...
-
-    async def rows(self, rows: list[asyncpg.Record]) -> bool:
-        """Take a batch; False stops the stream (the response is as large as allowed)."""
 
 
 class GatewayConnection(asyncpg.Connection):  # type: ignore[misc]
@@ -186,28 +153,6 @@ def _jsonb_encode(value: Any) -> bytes:
 
 def _jsonb_decode(data: bytes) -> orjson.Fragment:
     return orjson.Fragment(data[1:])
-
-
-# Extended-protocol messages for one parameterless statement, unnamed statement and portal:
-# Parse (no parameter types), Bind (no parameters, default result format), Execute (all rows).
-_BIND_EXECUTE = (b"B" + struct.pack("!i", 4 + 2 + 6) + b"\0\0" + b"\0\0" * 3
-                 + b"E" + struct.pack("!i", 4 + 1 + 4) + b"\0" + b"\0\0\0\0")
-
-
-def _pipelined(statements: Sequence[str]) -> bytes:
-    """``statements`` as Parse/Bind/Execute messages with no Sync after them.
-
-    Written straight onto the connection just before asyncpg's own Parse+Describe+Flush
-    (its ``prepare``), they run in the same round trip, ahead of it: asyncpg's prepare
-    state skips the ParseComplete/BindComplete/CommandComplete replies they produce, and
-    an error among them ends the prepare with that error (asyncpg then sends the Sync).
-    This saves the round trip a separate ``BEGIN; SET LOCAL ...`` simple query costs."""
-    out = bytearray()
-    for sql in statements:
-        query = sql.encode()
-        out += b"P" + struct.pack("!i", 4 + 1 + len(query) + 1 + 2) + b"\0" + query + b"\0\0\0"
-        out += _BIND_EXECUTE
-    return bytes(out)
 
 
 def _quote_literal(value: str) -> str:
@@ -315,14 +260,14 @@ class Database:
             else:
                 # The first thing below is always a Parse+Describe (asyncpg's prepare); the
                 # prefix travels in front of it in the same round trip.
-                conn._transport.write(_pipelined(prefix))
+                conn._transport.write(pipelined(prefix))
                 conn.set_gateway_tx_open(True)
             if tx.claim is not None:
                 replay = await _claim(conn, tx.tenant_id, tx.claim, client_timeout)
                 if replay is not None:
                     await _rollback(conn)
                     return Outcome(results=[], replay=replay)
-            results = [await _one(conn, st, client_timeout, tx.max_rows, tx.sink) for st in tx.statements]
+            results = [await run_statement(conn, st, client_timeout, tx.max_rows, tx.sink) for st in tx.statements]
             if tx.strict_rows and any(r.truncated for r in results):
                 raise ApiError(SQL_ERROR_DATA, f"a statement returned more than {tx.max_rows} rows (the tenant's "
                                "max_rows); add a LIMIT", sqlstate="54000")
@@ -381,73 +326,6 @@ async def _claim(conn: asyncpg.Connection, tenant_id: str, claim: idempotency.Cl
     if replay is None and not row["claimed"] and row["request_hash"] is not None:
         await conn.execute(idempotency.RECLAIM_SQL, claim.key, claim.request_hash, timeout=timeout)
     return replay
-
-
-async def _one(conn: asyncpg.Connection, st: Statement, timeout: float, max_rows: int,
-               sink: RowSink | None = None) -> Result:
-    stmt = await conn.prepare(st.sql, timeout=timeout)
-    params = (st.convert or convert_params)(st.params, [_describe(t) for t in stmt.get_parameters()])
-    attributes = stmt.get_attributes()
-    columns = [(a.name, type_label(*_describe(a.type))) for a in attributes]
-    oids = [a.type.oid for a in attributes]
-    streaming = sink is not None and bool(columns) and max_rows > sink.threshold
-    # One Bind+Execute round trip with a row limit (one more than wanted, to detect
-    # truncation) keeps a large result on the server.  When the result may stream, the
-    # portal is named so that it can be read on in batches.  asyncpg offers this only
-    # through its protocol object (what its own cursors use).
-    protocol = conn._protocol
-    portal = conn._get_unique_id("portal") if streaming else ""
-    first = sink.threshold + 1 if streaming and sink is not None else max_rows + 1
-    rows, status, done = await protocol.bind_execute(stmt._state, params, portal, first, True, timeout)
-    if streaming and sink is not None and len(rows) > sink.threshold:
-        return await _streamed(protocol, stmt._state, portal, rows, st, columns, oids, timeout, max_rows, sink)
-    truncated = len(rows) > max_rows
-    if truncated:
-        del rows[max_rows:]
-    status = status.decode() if status else ""
-    if status and done:
-        tag, _, count = status.rpartition(" ")
-        command = tag.split(" ")[0] if tag else status
-        row_count = int(count) if count.isdigit() and not columns else len(rows)
-    else:
-        command, row_count = st.command, len(rows)
-    return Result(columns=columns, rows=rows, row_count=row_count, command=command, truncated=truncated,
-                  type_oids=oids)
-
-
-async def _streamed(protocol: Any, state: Any, portal: str, rows: list[asyncpg.Record], st: Statement,
-                    columns: list[tuple[str, str]], oids: list[int], timeout: float, max_rows: int,
-                    sink: RowSink) -> Result:
-    """Past ``sink.threshold`` rows, hand the result to the sink batch by batch, reading
-    the open portal on, instead of holding the whole result."""
-    await sink.start(columns)
-    sent, truncated, done = 0, False, False
-    while rows:
-        take = rows[:max_rows - sent]
-        if not await sink.rows(take):
-            truncated = True  # the response reached max_response_bytes
-            break
-        sent += len(take)
-        if len(take) < len(rows):
-            truncated = True
-            break
-        if done:
-            break
-        want = 1 if sent == max_rows else min(sink.batch_rows, max_rows - sent + 1)
-        rows, _, done = await protocol.execute(state, portal, want, True, timeout)
-        if sent == max_rows:
-            truncated = bool(rows)
-            break
-    return Result(columns=columns, rows=[], row_count=sent, command=st.command, truncated=truncated, streamed=True,
-                  type_oids=oids)
-
-
-def _describe(t: Any) -> tuple[str, str, str | None]:
-    element = None
-    if t.kind == "array":
-        # asyncpg names built-in arrays "int4[]" and introspected ones after pg_type ("_my_enum").
-        element = t.name[:-2] if t.name.endswith("[]") else t.name.removeprefix("_")
-    return t.name, t.kind, element
 
 
 async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:

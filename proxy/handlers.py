@@ -20,7 +20,7 @@ from aiohttp import web
 
 from . import idempotency, jwks
 from .config import Limits
-from .db import ISOLATION_LEVELS, Outcome, Result, Statement, TxRequest
+from .db import ISOLATION_LEVELS, Outcome, TxRequest
 from .encode import dumps
 from .errors import (
     DATABASE_UNAVAILABLE,
@@ -33,6 +33,7 @@ from .errors import (
 )
 from .keys import GATEWAY, REQUEST_ID, TRACE
 from .routing import Router
+from .statement import Result, Statement
 from .streaming import JsonRowStream
 from .tenancy import Tenant, resolve
 from .trace import RequestTrace

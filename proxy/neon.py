@@ -37,11 +37,11 @@ from aiohttp import web
 
 from . import handlers
 from .config import Limits
-from .db import Result
 from .errors import INVALID_REQUEST, NOT_FOUND, ApiError, error_body
 from .handlers import MAX_STATEMENTS, Plan, statement_parts
 from .keys import ERROR_RENDERER, GATEWAY
 from .pgtext import base_type, json_to_text, param_from_text, to_json, to_text
+from .statement import Result
 
 RAW_TEXT = "Neon-Raw-Text-Output"
 ARRAY_MODE = "Neon-Array-Mode"

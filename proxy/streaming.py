@@ -15,9 +15,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .db import Result
 from .encode import dumps
 from .keys import REQUEST_ID, TRACE
+from .statement import Result
 
 
 class JsonRowStream:

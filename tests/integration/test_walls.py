@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from proxy.app import start_gateway
-from proxy.db import RoleCanBypassRls, _pipelined
+from proxy.db import RoleCanBypassRls
+from proxy.statement import pipelined
 
 from ..fix_gateway import KEY_A, KEY_B, TENANT_A, TENANT_B, base_config, make_settings, merge
 from ..fix_stack import Stack
@@ -63,7 +64,7 @@ async def test_release_rolls_back_a_pipelined_begin_asyncpg_never_saw(gateway_wi
         pool = api.running.gateway.database.pool
         assert pool is not None
         async with pool.acquire() as conn:
-            conn._transport.write(_pipelined(["BEGIN", f"SET LOCAL app.tenant_id = '{TENANT_B}'"]))
+            conn._transport.write(pipelined(["BEGIN", f"SET LOCAL app.tenant_id = '{TENANT_B}'"]))
             conn.set_gateway_tx_open(True)
             await conn.prepare("SELECT count(*) FROM events")
             assert not conn.is_in_transaction()  # asyncpg's view: stale
