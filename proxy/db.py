@@ -347,11 +347,12 @@ def _terminate(conn: asyncpg.Connection) -> None:
 
 
 async def _rollback(conn: asyncpg.Connection) -> None:
-    """ROLLBACK whatever asyncpg believes: its transaction status comes from the last
-    ReadyForQuery, and the pipelined prefix has none of its own (a failure between the
-    first Parse+Describe and its Bind+Execute would otherwise leave BEGIN open)."""
+    """ROLLBACK the gateway's transaction, or any asyncpg knows of.  asyncpg's transaction
+    status comes from the last ReadyForQuery, and the pipelined prefix has none of its
+    own (a failure between the first Parse+Describe and its Bind+Execute would otherwise
+    leave BEGIN open): the connection's ``gateway_tx_open`` covers that."""
     try:
-        if conn.is_closed():
+        if conn.is_closed() or not (getattr(conn, "gateway_tx_open", False) or conn.is_in_transaction()):
             return
     except asyncpg.InterfaceError:
         return  # it broke and went back to the pool already
