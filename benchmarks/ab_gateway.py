@@ -10,11 +10,16 @@ Not part of `make bench`.  Two ways:
         checkout's code (`git worktree add /tmp/before HEAD~1`), taking turns for six 8 s
         rounds each: the median of each, and B / A.  Turns cancel most of the drift a
         busy two-core machine shows between runs minutes apart (+-5 % and more).
+
+Beside req/s, each round reports the gateway process's own CPU time per request (user +
+system, from /proc): a steadier figure than throughput on a machine whose other processes
+come and go, and the one that says whether a change made the gateway's Python cheaper.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import sys
 import tempfile
@@ -28,6 +33,32 @@ from .loadtools import write_requests, wrk
 from .throughput import api_key_headers, gateway_body, mix
 
 LIMITS = {"rate_per_s": 100000, "burst": 100000, "max_concurrency": 32}
+ROUND_S = 8
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _gateway_pid(port: int) -> int:
+    """The process serving on ``port`` (its config file is named after the port)."""
+    marker = f"gateway-{port}.yaml".encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/cmdline", "rb") as f:
+                if marker in f.read():
+                    return int(entry)
+    raise SystemExit(f"ab_gateway: no process serves port {port}")
+
+
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _round(url: str, pid: int, requests: Path) -> tuple[float, float]:
+    """One wrk round: (req/s, gateway CPU ms per request)."""
+    before = _cpu_s(pid)
+    rate = wrk(url, requests, duration_s=ROUND_S).ok_per_s
+    return rate, (_cpu_s(pid) - before) * 1000 / max(rate * ROUND_S, 1)
 
 
 def _overrides(args: list[str]) -> dict[str, dict[str, Any]]:
@@ -60,22 +91,27 @@ def main() -> None:
         a_url = f"http://127.0.0.1:{a_port}/v1/query"
         if not b_overrides and b_tree is None:
             wrk(a_url, requests, duration_s=3)
-            best = max(wrk(a_url, requests, duration_s=8).ok_per_s for _ in range(3))
-            print(f"gateway: {best:.0f} req/s (best of 3 x 8 s)")
+            rounds = [_round(a_url, _gateway_pid(a_port), requests) for _ in range(3)]
+            print(f"gateway: {max(r for r, _ in rounds):.0f} req/s (best of 3 x {ROUND_S} s), "
+                  f"{statistics.median(c for _, c in rounds):.3f} ms CPU per request (median)")
             return
         b_port, _ = servers.enter_context(gateway_process(stack, work, source=b_tree, defaults=LIMITS,
                                                                 **b_overrides))
         b_url = f"http://127.0.0.1:{b_port}/v1/query"
         for url in (a_url, b_url):
             wrk(url, requests, duration_s=3)
+        a_pid, b_pid = _gateway_pid(a_port), _gateway_pid(b_port)
         a_rounds, b_rounds = [], []
         for _ in range(6):
-            a_rounds.append(wrk(a_url, requests, duration_s=8).ok_per_s)
-            b_rounds.append(wrk(b_url, requests, duration_s=8).ok_per_s)
-        a, b = statistics.median(a_rounds), statistics.median(b_rounds)
-        print(f"A (as configured): {a:.0f} req/s, rounds {[round(x) for x in a_rounds]}")
-        print(f"B ({' '.join(sys.argv[1:])}): {b:.0f} req/s, rounds {[round(x) for x in b_rounds]}")
-        print(f"B / A: {b / a:.3f}")
+            a_rounds.append(_round(a_url, a_pid, requests))
+            b_rounds.append(_round(b_url, b_pid, requests))
+        for label, rounds in (("A (as configured)", a_rounds), (f"B ({' '.join(sys.argv[1:])})", b_rounds)):
+            print(f"{label}: {statistics.median(r for r, _ in rounds):.0f} req/s, "
+                  f"{statistics.median(c for _, c in rounds):.3f} ms gateway CPU per request; "
+                  f"rounds {[round(r) for r, _ in rounds]}")
+        rate = statistics.median(r for r, _ in b_rounds) / statistics.median(r for r, _ in a_rounds)
+        cpu = statistics.median(c for _, c in b_rounds) / statistics.median(c for _, c in a_rounds)
+        print(f"B / A: {rate:.3f} req/s, {cpu:.3f} CPU per request")
 
 
 if __name__ == "__main__":
