@@ -38,9 +38,10 @@ async def metrics(request: web.Request) -> web.Response:
     dsn = gw.runtime.settings.database.pgbouncer_admin_dsn
     if dsn:
         gw.metrics.pgbouncer = await pgbouncer.read(dsn, PGBOUNCER_TIMEOUT_S)
-    # Rendering is CPU work under prometheus_client's locks: keep it off the event loop.
+    # Copied here, on the loop that writes the figures; rendering (the CPU work) runs off it.
+    snapshot = gw.metrics.snapshot()
     body, content_type = await asyncio.get_running_loop().run_in_executor(
-        None, gw.metrics.exposition, request.headers.get("Accept"))
+        None, gw.metrics.exposition, request.headers.get("Accept"), snapshot)
     resp = web.Response(body=body)
     resp.headers["Content-Type"] = content_type
     return resp

@@ -119,6 +119,26 @@ def test_rejections_and_openmetrics_exemplars() -> None:
     assert b'# {request_id="req-2"}' in body
 
 
+def test_exemplars_fit_openmetrics_and_counts_match_the_buckets() -> None:
+    m = Metrics(MetricsConfig(tenant_label_limit=5), "test", frozenset({"x"}), lambda: [], lambda: {})
+    fits, too_long = "f" * (128 - len("request_id")), "t" * 128
+    for duration, rid in ((0.0004, "a"), (0.003, fits), (0.004, too_long), (31.0, "slow")):
+        m.observe(RequestTrace(endpoint="/v1/query", tenant="x", wait_s=0.0, db_s=duration), 200, duration, rid)
+    body = m.exposition("application/openmetrics-text; version=1.0.0")[0].decode()
+    assert f'request_id="{fits}"' in body and too_long not in body
+    text = m.exposition(None)[0].decode()
+    name = "tenant_proxy_request_duration_seconds"
+    cumulative = {le: _value(text, name + "_bucket", endpoint="/v1/query", le=le, tenant="x")
+                  for le in ("0.0005", "0.001", "0.005", "30.0", "+Inf")}
+    assert cumulative == {"0.0005": 1, "0.001": 1, "0.005": 3, "30.0": 3, "+Inf": 4}
+    assert _value(text, name + "_count", endpoint="/v1/query", tenant="x") == 4
+    assert abs(_value(text, name + "_sum", endpoint="/v1/query", tenant="x") - 31.0074) < 1e-9
+    # a bound is inclusive ("le"): an observation equal to it is in that bucket
+    m.observe(RequestTrace(endpoint="/v1/query", tenant="x"), 200, 0.001, "edge")
+    text = m.exposition(None)[0].decode()
+    assert _value(text, name + "_bucket", endpoint="/v1/query", le="0.001", tenant="x") == 2
+
+
 def test_forget_drops_a_tenant_everywhere() -> None:
     m = Metrics(MetricsConfig(tenant_label_limit=5), "test", frozenset(), lambda: [], lambda: {})
     for t in ("gone", "stays"):
