@@ -234,7 +234,8 @@ class Database:
         started = time.perf_counter()
         self.waiting += 1
         try:
-            conn = await self.pool.acquire(timeout=self.cfg.acquire_timeout_ms / 1000)
+            timeout = None if _connected_holder_free(self.pool) else self.cfg.acquire_timeout_ms / 1000
+            conn = await self.pool.acquire(timeout=timeout)
         except TimeoutError:
             self.timeouts += 1
             raise ApiError(POOL_TIMEOUT, "no database connection became free in time", retry_after_s=1) from None
@@ -328,16 +329,49 @@ async def _claim(conn: asyncpg.Connection, tenant_id: str, claim: idempotency.Cl
     return replay
 
 
+def _connected_holder_free(pool: asyncpg.Pool) -> bool:
+    """Whether asyncpg's pool hands out a connected connection without waiting: the next
+    holder in its queue has a live one.  Then acquire needs no timer (the scheduler keeps
+    transactions within the pool, so this is the usual case).  Reads asyncpg's private
+    state; anything unexpected answers False, the timed path."""
+    try:
+        con = pool._queue._queue[0]._con
+        return con is not None and not con.is_closed()
+    except (AttributeError, IndexError):
+        return False
+
+
 async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
-    """Hand a connection back (asyncpg shields this from cancellation itself).
+    """Hand a connection back.
+
+    ``Pool.release`` runs the holder's release in a task of its own (``asyncio.shield``),
+    so that a cancellation cannot interrupt it half-way.  A connection with no
+    transaction, no cancellation in progress and the gateway's BEGIN closed goes back
+    without suspending once (asyncpg's reset and ``_no_reset`` have nothing to send), so
+    nothing can interrupt it: it is released directly, without that task per request.
+    Anything else, or asyncpg internals not as expected, takes ``Pool.release``.
 
     When the server side dies at that very moment, asyncpg's connection-lost callback
     can free the holder between release's own check and its shielded task: the
     connection is already gone from the pool then, which is all release would do."""
     try:
+        if _releases_at_once(conn):
+            holder = conn._holder
+            conn._con._on_release()
+            await holder.release(holder._timeout)
+            return
         await pool.release(conn)
     except asyncpg.InternalClientError as exc:
         log.warning("connection already returned to the pool: %s", exc)
+
+
+def _releases_at_once(conn: asyncpg.Connection) -> bool:
+    try:
+        con = conn._con  # the pool's proxy -> the connection; None once released
+        return (con is not None and not con.gateway_tx_open and not con.is_closed() and not con.is_in_transaction()
+                and not con._protocol._is_cancelling() and con._top_xact is None)
+    except AttributeError:
+        return False
 
 
 def _terminate(conn: asyncpg.Connection) -> None:

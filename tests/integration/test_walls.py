@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from proxy.app import start_gateway
-from proxy.db import RoleCanBypassRls
+from proxy.db import RoleCanBypassRls, _connected_holder_free, _release, _releases_at_once
 from proxy.statement import pipelined
 
 from ..fix_gateway import KEY_A, KEY_B, TENANT_A, TENANT_B, base_config, make_settings, merge
@@ -73,6 +73,33 @@ async def test_release_rolls_back_a_pipelined_begin_asyncpg_never_saw(gateway_wi
         r = await api.query("SELECT current_setting('transaction_isolation') AS iso, "
                             "current_setting('app.tenant_id') AS t", isolation="serializable")
         assert r.status == 200 and r.body["rows"] == [{"iso": "serializable", "t": TENANT_A}], r.body
+
+
+async def test_release_goes_straight_back_only_when_clean(gateway_with: Any, admin_db: asyncpg.Connection) -> None:
+    """`_release` skips asyncpg's shielded task only for a connection with nothing to undo;
+    one with the gateway's BEGIN still open takes the pool's own release, which rolls back."""
+    open_transactions = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND xact_start IS NOT NULL"
+    async with gateway_with(database={"pool_min_size": 1, "pool_max_size": 1}) as api:
+        pool = api.running.gateway.database.pool
+        assert pool is not None
+        conn = await pool.acquire()
+        assert await conn.fetchval("SELECT 1") == 1
+        assert _releases_at_once(conn) and _connected_holder_free(pool) is False  # the only one is out
+        await _release(pool, conn)
+        assert pool.get_idle_size() == 1 and _connected_holder_free(pool)
+        conn = await pool.acquire()
+        conn._transport.write(pipelined(["BEGIN", f"SET LOCAL app.tenant_id = '{TENANT_B}'"]))
+        conn.set_gateway_tx_open(True)
+        await conn.prepare("SELECT 1")
+        assert not _releases_at_once(conn)
+        assert await admin_db.fetchval(open_transactions) == 1
+        await _release(pool, conn)
+        assert await admin_db.fetchval(open_transactions) == 0 and pool.get_idle_size() == 1
+        for _ in range(20):  # the request path, released straight back each time, on the one connection
+            r = await api.query("SELECT current_setting('app.tenant_id') AS t")
+            assert r.status == 200 and r.body["rows"] == [{"t": TENANT_A}]
+        assert pool.get_size() == 1 and pool.get_idle_size() == 1
+        assert await admin_db.fetchval(open_transactions) == 0
 
 
 async def test_session_set_is_blocked_by_grants_too(gateway_with: Any) -> None:
