@@ -110,26 +110,31 @@ class Scheduler:
         # Queued behind its own cap: the tenant's queue timeout.  Behind a full pool: the pool's.
         capped = _at_cap(t, limits)
         timeout_s = limits.queue_timeout_ms / 1000 if capped else self.acquire_timeout_s
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
         t.queue.append((future, limits))
         if tenant not in self._ring:
             self._ring.append(tenant)
+        # The future is granted (_dispatch) or expired (the timer), whichever comes first;
+        # a plain timer, not wait_for + shield (two more futures and callbacks per waiter).
+        timer = loop.call_later(timeout_s, _expire, future)
         try:
-            await asyncio.wait_for(asyncio.shield(future), timeout_s)
+            await future
         except TimeoutError:
-            if future.done() and not future.cancelled():
-                return self.clock() - now  # granted at the deadline: keep the slot
             self._forget(tenant, t, future)
             if capped or _at_cap(t, limits):
                 raise ApiError(CONCURRENCY_LIMITED, "too many requests in flight for this tenant",
                                retry_after_s=1) from None
             raise ApiError(POOL_TIMEOUT, "no database slot became free in time", retry_after_s=1) from None
         except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
+            # Granted just before the cancellation arrived: hand the slot back.
+            if future.done() and not future.cancelled() and future.exception() is None:
                 self.release(tenant)
             else:
                 self._forget(tenant, t, future)
             raise
+        finally:
+            timer.cancel()
         return self.clock() - now
 
     def release(self, tenant: str) -> None:
@@ -184,6 +189,11 @@ class Scheduler:
                 t.deficit = 0.0
             elif t.deficit < 1.0:
                 self._ring.rotate(-1)
+
+
+def _expire(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 def _at_cap(t: _Tenant, limits: Limits) -> bool:

@@ -13,7 +13,7 @@ from proxy.limits import Scheduler, pool_report
 
 
 async def settle() -> None:
-    """Let granted waiters wake up (a grant resolves a future that a wait_for task awaits)."""
+    """Let granted waiters wake up (a grant resolves the future their admit awaits)."""
     for _ in range(10):
         await asyncio.sleep(0)
 
@@ -146,6 +146,19 @@ async def test_cancelled_waiter_gives_its_turn_away() -> None:
     assert stays.done() and s.inflight() == {"c": 1}
     s.release("c")
     assert s.busy == 0
+
+
+async def test_a_waiter_cancelled_right_after_its_grant_hands_the_slot_back() -> None:
+    s = Scheduler(slots=1, acquire_timeout_s=30)
+    await s.admit("a", Limits())
+    waiter = asyncio.create_task(s.admit("b", Limits()))
+    await settle()
+    s.release("a")   # grants b's slot at once
+    waiter.cancel()  # before b's admit has resumed
+    await settle()
+    assert waiter.cancelled() and s.busy == 0 and s.inflight() == {}
+    assert await asyncio.wait_for(s.admit("c", Limits()), 1) == 0.0
+    assert s.inflight() == {"c": 1}
 
 
 async def test_resize_serves_waiters() -> None:
