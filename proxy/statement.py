@@ -73,11 +73,29 @@ def pipelined(statements: Sequence[str]) -> bytes:
     return bytes(out)
 
 
+async def _prepare(conn: asyncpg.Connection, sql: str, timeout: float) -> Any:
+    """Parse+Describe ``sql`` as the unnamed statement; asyncpg's statement state for it.
+
+    ``Connection.prepare`` with the statement cache off marks an unnamed statement
+    "unprepared", so that its execution sends the Parse again (for poolers that move a
+    client between backends outside a transaction).  The gateway's statements run inside
+    its own transaction, on one backend, and nothing is parsed between this Describe and
+    the Bind that follows it: the second Parse would only make PostgreSQL parse and
+    analyse the statement twice.  A statement whose types asyncpg must first look up
+    (its introspection query replaces the unnamed statement) takes asyncpg's own path."""
+    protocol = conn._protocol
+    state = await protocol.prepare("", sql, timeout, record_class=protocol.get_record_class())
+    if state._init_types():
+        return (await conn.prepare(sql, timeout=timeout))._state
+    state._init_codecs()
+    return state
+
+
 async def run_statement(conn: asyncpg.Connection, st: Statement, timeout: float, max_rows: int,
                sink: RowSink | None = None) -> Result:
-    stmt = await conn.prepare(st.sql, timeout=timeout)
-    params = (st.convert or convert_params)(st.params, [_describe(t) for t in stmt.get_parameters()])
-    attributes = stmt.get_attributes()
+    state = await _prepare(conn, st.sql, timeout)
+    params = (st.convert or convert_params)(st.params, [_describe(t) for t in state._get_parameters()])
+    attributes = state._get_attributes()
     columns = [(a.name, type_label(*_describe(a.type))) for a in attributes]
     oids = [a.type.oid for a in attributes]
     streaming = sink is not None and bool(columns) and max_rows > sink.threshold
@@ -88,9 +106,9 @@ async def run_statement(conn: asyncpg.Connection, st: Statement, timeout: float,
     protocol = conn._protocol
     portal = conn._get_unique_id("portal") if streaming else ""
     first = sink.threshold + 1 if streaming and sink is not None else max_rows + 1
-    rows, status, done = await protocol.bind_execute(stmt._state, params, portal, first, True, timeout)
+    rows, status, done = await protocol.bind_execute(state, params, portal, first, True, timeout)
     if streaming and sink is not None and len(rows) > sink.threshold:
-        return await _streamed(protocol, stmt._state, portal, rows, st, columns, oids, timeout, max_rows, sink)
+        return await _streamed(protocol, state, portal, rows, st, columns, oids, timeout, max_rows, sink)
     truncated = len(rows) > max_rows
     if truncated:
         del rows[max_rows:]

@@ -13,7 +13,7 @@ import yaml
 
 from proxy.app import start_gateway
 from proxy.db import RoleCanBypassRls, _connected_holder_free, _release, _releases_at_once
-from proxy.statement import pipelined
+from proxy.statement import _prepare, pipelined
 
 from ..fix_gateway import KEY_A, KEY_B, TENANT_A, TENANT_B, base_config, make_settings, merge
 from ..fix_stack import Stack
@@ -100,6 +100,27 @@ async def test_release_goes_straight_back_only_when_clean(gateway_with: Any, adm
             assert r.status == 200 and r.body["rows"] == [{"t": TENANT_A}]
         assert pool.get_size() == 1 and pool.get_idle_size() == 1
         assert await admin_db.fetchval(open_transactions) == 0
+
+
+async def test_a_statement_is_parsed_once_unless_asyncpg_must_look_up_its_types(gateway_with: Any) -> None:
+    """The Bind that follows the gateway's Parse+Describe reuses the unnamed statement
+    (``prepared``), instead of asyncpg sending the Parse again; after a type lookup
+    (which replaces the unnamed statement) asyncpg re-sends it, and the result is right."""
+    async with gateway_with(database={"pool_min_size": 1, "pool_max_size": 1}) as api:
+        pool = api.running.gateway.database.pool
+        assert pool is not None
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute(f"SET LOCAL app.tenant_id = '{TENANT_A}'")
+            state = await _prepare(conn, "SELECT $1::int + 1 AS n", 5)
+            assert state.prepared
+            rows, _, done = await conn._protocol.bind_execute(state, [41], "", 0, True, 5)
+            assert done and [tuple(r) for r in rows] == [(42,)]
+            state = await _prepare(conn, "SELECT 'sad'::mood AS m", 5)  # first use of the enum here
+            assert not state.prepared
+            rows, _, _ = await conn._protocol.bind_execute(state, [], "", 0, True, 5)
+            assert [tuple(r) for r in rows] == [("sad",)]
+            state = await _prepare(conn, "SELECT 'happy'::mood AS m", 5)  # known now
+            assert state.prepared
 
 
 async def test_session_set_is_blocked_by_grants_too(gateway_with: Any) -> None:
