@@ -16,7 +16,8 @@ Back to back:
    PgBouncer; wrk into the bare reference server (benchmarks/bare_reference.py), into the
    gateway with an API key, and into the gateway with per-tenant JWTs;
 2. latency at 25/50/75% of the gateway's (API key) ceiling, 10 s each, the three paths
-   taking turns at each rate: pgbench -R into PgBouncer, hey into the bare server and
+   taking turns at each rate, three rounds (the median p50 and p99 count; every round's
+   p99 is written down too): pgbench -R into PgBouncer, hey into the bare server and
    into the gateway (see loadtools.hey for why it is 32 staggered hey processes);
 3. the gateway's RSS after that, and after 10,000 distinct tenants each sent a request.
 
@@ -31,6 +32,7 @@ import contextlib
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,6 +72,7 @@ EVENT_TYPES = [f"ev_{i}" for i in range(10)]
 CLIENTS, THREADS = 32, 2
 SATURATION_S, LATENCY_S, WARMUP_S = 15, 10, 3
 ROUNDS = 2  # saturation rounds per path
+LAT_ROUNDS = 3  # latency rounds per path and rate: one stall on a busy 2-core machine can own a 10 s p99
 SHARES = (0.25, 0.50, 0.75)
 DISTINCT_TENANTS = 10_000
 DAYS = 120  # created_at over the last 120 days: the monthly partitions pg_partman keeps, if events has them
@@ -157,6 +160,16 @@ def non2xx(codes: Counter[str] | dict[str, int]) -> dict[str, int]:
     return {c: n for c, n in sorted(codes.items()) if not c.startswith("2") and n}
 
 
+def median_latency(runs: list[Latency]) -> Latency:
+    """The median p50 and the median p99 of several runs at one rate; achieved: their mean."""
+    codes: Counter[str] = Counter()
+    for run_ in runs:
+        codes.update(run_.codes)
+    return Latency(rate=runs[0].rate, achieved=statistics.mean(x.achieved for x in runs),
+                   p50_ms=statistics.median(x.p50_ms for x in runs), p99_ms=statistics.median(x.p99_ms for x in runs),
+                   codes=dict(codes))
+
+
 def code_version() -> str:
     """The commit under test, and whether proxy/ had uncommitted changes."""
     try:
@@ -174,6 +187,10 @@ def benchmark(stack: LocalStack, work: Path) -> dict[str, Any]:
     started = time.perf_counter()
     stack.psql(LOAD_SQL)
     r["load_s"] = time.perf_counter() - started
+    # As pgbench does before its runs: no autovacuum of the fresh rows, nor a checkpoint of
+    # the load, landing in the middle of a measurement.
+    stack.psql("VACUUM events")
+    stack.psql("CHECKPOINT")
     parts = stack.psql("SELECT count(*) FROM pg_catalog.pg_inherits WHERE inhparent = 'public.events'::regclass")
     r["layout"] = f"partitioned ({int(parts)} partitions)" if int(parts) else "a plain table"
     say(f"loaded {ROWS:,} events in {r['load_s']:.1f} s; events is {r['layout']}")
@@ -239,15 +256,21 @@ def benchmark(stack: LocalStack, work: Path) -> dict[str, Any]:
                 return hey(bare_url, bare_body(tenant, event_type), {}, rate, work, LATENCY_S, CLIENTS)
             return hey(gw_url, gateway_body(event_type), api_key_headers(tenant), rate, work, LATENCY_S, CLIENTS)
 
+        r["lat_rounds"] = []
         for i, rate in enumerate(r["rates"]):
             tenant, event_type = TENANTS[(17 + 31 * i) % TENANT_COUNT], EVENT_TYPES[(3 + 7 * i) % len(EVENT_TYPES)]
-            for name in ("pgbench", "bare", "gateway"):
-                result = at_rate(name, rate, tenant, event_type)
-                say(f"{name} at {rate:.0f}/s: achieved {result.achieved:.0f}/s, p50 {result.p50_ms:.2f} ms, "
-                    f"p99 {result.p99_ms:.2f} ms, {result.codes}")
-                r[f"lat_{name}"].append(result)
-                if non2xx(result.codes):
-                    r["errors"][f"{name} at {rate:.0f}/s"] = non2xx(result.codes)
+            runs: dict[str, list[Latency]] = {"pgbench": [], "bare": [], "gateway": []}
+            for _ in range(LAT_ROUNDS):
+                for name in runs:
+                    result = at_rate(name, rate, tenant, event_type)
+                    say(f"{name} at {rate:.0f}/s: achieved {result.achieved:.0f}/s, p50 {result.p50_ms:.2f} ms, "
+                        f"p99 {result.p99_ms:.2f} ms, {result.codes}")
+                    runs[name].append(result)
+                    if non2xx(result.codes):
+                        r["errors"][f"{name} at {rate:.0f}/s"] = non2xx(result.codes)
+            for name, results in runs.items():
+                r[f"lat_{name}"].append(median_latency(results))
+            r["lat_rounds"].append({name: [x.p99_ms for x in results] for name, results in runs.items()})
         r["machine_latency"] = machine_share(snap, cpu_snapshot(mine))
         for name, admin in (("API key", gw_admin), ("JWT", jwt_admin)):
             r["errors"][f"gateway ({name}) /metrics"] = non2xx(status_codes(admin) - before[name])
@@ -305,7 +328,7 @@ def report(r: dict[str, Any], total_s: float) -> str:
         "",
         f"- Code: {r['version']}. Data: {ROWS:,} events (100 tenants x 10 event types, created_at over the last "
         f"{DAYS} days; events is {r['layout']}), forced RLS, loaded set-based in {r['load_s']:.0f} s, then "
-        "ANALYZE. The transaction everywhere: "
+        "ANALYZE, VACUUM and a CHECKPOINT. The transaction everywhere: "
         "`BEGIN; SET LOCAL app.tenant_id`, the `event_type = $1 ORDER BY created_at DESC LIMIT 10` "
         "query, `COMMIT`; random tenant and event type each time. Round trips: pgbench 3 (`BEGIN \\; SET LOCAL`, "
         "the query, `COMMIT`), bare 4 (asyncpg adds Parse/Describe), gateway 3 (docs/tuning.md, \"Round trips "
@@ -318,7 +341,12 @@ def report(r: dict[str, Any], total_s: float) -> str:
         f"the simple protocol); wrk `-c {CLIENTS} -t {THREADS} -d {SATURATION_S}s` over {PREBUILT} pre-built "
         f"requests (benchmarks/wrk_post.lua). A {WARMUP_S} s warm-up each, then {ROUNDS} rounds taking turns; tx/s "
         "is the best round (2xx answers only).",
-        f"- Latency: {LATENCY_S} s per rate, the three paths taking turns at each rate. pgbench `-R rate -l`: "
+        f"- Latency: {LATENCY_S} s per rate, the three paths taking turns at each rate, {LAT_ROUNDS} rounds; the "
+        "table gives the median p50 and the median p99 of the rounds. Every round's p99 (ms), "
+        "pgbench / bare / gateway: " + "; ".join(
+            f"{share:.0%}: " + " / ".join(",".join(f"{v:.1f}" for v in rounds_[k])
+                                          for k in ("pgbench", "bare", "gateway"))
+            for share, rounds_ in zip(SHARES, r["lat_rounds"], strict=True)) + ". pgbench `-R rate -l`: "
         "service time (the log's latency minus its schedule lag, which is what hey measures). HTTP: 32 "
         "`hey -c 1 -q rate/32` processes started 1/rate apart (one `hey -c 32` sends its requests in bursts of 32), "
         "first and last second of each dropped; one tenant and event type per rate. Achieved rates "
