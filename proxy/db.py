@@ -251,7 +251,7 @@ class Database:
             done = time.perf_counter()
             trace.db_s = done - started
             self.recent.append((time.monotonic(), trace.wait_s or 0.0, trace.db_s))
-            await _release(self.pool, conn)
+            await _release(self.pool, conn, self.cfg.acquire_timeout_ms / 1000)
 
     async def _run(self, conn: asyncpg.Connection, tx: TxRequest, prefix: tuple[str, ...], commit: str,
                    client_timeout: float) -> Outcome:
@@ -330,19 +330,20 @@ async def _claim(conn: asyncpg.Connection, tenant_id: str, claim: idempotency.Cl
 
 
 def _connected_holder_free(pool: asyncpg.Pool) -> bool:
-    """Whether asyncpg's pool hands out a connected connection without waiting: the next
-    holder in its queue has a live one.  Then acquire needs no timer (the scheduler keeps
-    transactions within the pool, so this is the usual case).  Reads asyncpg's private
-    state; anything unexpected answers False, the timed path."""
+    """Whether asyncpg's pool hands out a connected connection without waiting: a holder
+    in its queue has a live one (the queue prefers those, newest first).  Then acquire
+    needs no timer (the scheduler keeps transactions within the pool, so this is the
+    usual case).  Reads asyncpg's private state; anything unexpected answers False, the
+    timed path."""
     try:
-        con = pool._queue._queue[0]._con
-        return con is not None and not con.is_closed()
-    except (AttributeError, IndexError):
+        return any(holder.is_connected() for holder in reversed(pool._queue._queue))
+    except AttributeError:
         return False
 
 
-async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
-    """Hand a connection back.
+async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection, timeout: float) -> None:
+    """Hand a connection back; ``timeout`` bounds what the release may have to wait for
+    (a cancellation in progress, the ROLLBACK): past it the connection is terminated.
 
     ``Pool.release`` runs the holder's release in a task of its own (``asyncio.shield``),
     so that a cancellation cannot interrupt it half-way.  A connection with no
@@ -358,9 +359,9 @@ async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
         if _releases_at_once(conn):
             holder = conn._holder
             conn._con._on_release()
-            await holder.release(holder._timeout)
+            await holder.release(timeout)
             return
-        await pool.release(conn)
+        await pool.release(conn, timeout=timeout)
     except asyncpg.InternalClientError as exc:
         log.warning("connection already returned to the pool: %s", exc)
 

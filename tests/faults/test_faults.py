@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import time
 from typing import Any
 
@@ -10,7 +13,7 @@ import aiohttp
 
 from proxy.devstack import LocalStack
 
-from ..fix_gateway import KEY_A, KEY_B, TENANT_A, Api
+from ..fix_gateway import KEY_A, KEY_B, TENANT_A, TENANT_B, Api
 from .conftest import admin_query, assert_no_transaction_left_open
 
 
@@ -83,6 +86,53 @@ async def test_client_disconnect_cancels_the_statement(fault_gateway: Any, fault
         # the one gateway connection is usable again
         r = await api.query("SELECT current_setting('app.tenant_id') AS t")
         assert r.status == 200 and r.body["rows"] == [{"t": TENANT_A}]
+    await assert_no_transaction_left_open(fault_stack)
+
+
+async def test_a_hang_up_on_a_frozen_backend_frees_its_connection_in_time(fault_gateway: Any,
+                                                                          fault_stack: LocalStack) -> None:
+    """The client hangs up while its backend has stopped answering (a frozen host): the
+    cancellation cannot finish, so handing the connection back gives up after the pool's
+    acquire timeout and terminates it, instead of holding the connection and the slot
+    for as long as the backend stays frozen."""
+    async with fault_gateway(database={"pool_min_size": 1, "pool_max_size": 1, "acquire_timeout_ms": 1000}) as api:
+        assert (await api.query("SELECT 1")).status == 200
+        timeout = aiohttp.ClientTimeout(total=1.0)
+
+        async def stalled() -> None:
+            with contextlib.suppress(TimeoutError):
+                async with api.session.post(api.base + "/v1/query", json={"sql": "SELECT pg_sleep(3) AS stall"},
+                                            headers={"Authorization": f"Bearer {KEY_A}"}, timeout=timeout) as r:
+                    await r.read()
+
+        client = asyncio.create_task(stalled())
+        frozen: list[int] = []
+        try:
+            for _ in range(50):
+                frozen = [row["pid"] for row in await admin_query(
+                    fault_stack, "SELECT pid FROM pg_stat_activity WHERE query LIKE '%pg_sleep(3) AS stall%' "
+                                 "AND pid <> pg_backend_pid()")]
+                if frozen:
+                    break
+                await asyncio.sleep(0.02)
+            assert len(frozen) == 1
+            os.kill(frozen[0], signal.SIGSTOP)
+            await client  # the client gives up while the backend is frozen
+            started = time.monotonic()
+            statuses = []
+            while time.monotonic() - started < 2.5:
+                r = await api.query("SELECT current_setting('app.tenant_id') AS t", key=KEY_B)
+                statuses.append(r.status)
+                if r.status == 200:
+                    assert r.body["rows"] == [{"t": TENANT_B}]
+                    break
+                assert r.code == "pool_timeout", r.body
+            assert statuses[-1] == 200, statuses
+            assert api.running.gateway.scheduler.busy == 0
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+            client.cancel()
     await assert_no_transaction_left_open(fault_stack)
 
 

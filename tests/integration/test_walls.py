@@ -85,7 +85,7 @@ async def test_release_goes_straight_back_only_when_clean(gateway_with: Any, adm
         conn = await pool.acquire()
         assert await conn.fetchval("SELECT 1") == 1
         assert _releases_at_once(conn) and _connected_holder_free(pool) is False  # the only one is out
-        await _release(pool, conn)
+        await _release(pool, conn, 5)
         assert pool.get_idle_size() == 1 and _connected_holder_free(pool)
         conn = await pool.acquire()
         conn._transport.write(pipelined(["BEGIN", f"SET LOCAL app.tenant_id = '{TENANT_B}'"]))
@@ -93,7 +93,7 @@ async def test_release_goes_straight_back_only_when_clean(gateway_with: Any, adm
         await conn.prepare("SELECT 1")
         assert not _releases_at_once(conn)
         assert await admin_db.fetchval(open_transactions) == 1
-        await _release(pool, conn)
+        await _release(pool, conn, 5)
         assert await admin_db.fetchval(open_transactions) == 0 and pool.get_idle_size() == 1
         for _ in range(20):  # the request path, released straight back each time, on the one connection
             r = await api.query("SELECT current_setting('app.tenant_id') AS t")
