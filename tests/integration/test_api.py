@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 
@@ -86,7 +87,9 @@ async def test_timeout_cancels_sleep_and_connection_is_reused(gateway_with: obje
 
 async def test_every_response_carries_a_request_id(api: Api) -> None:
     r = await api.query("SELECT 1")
-    assert len(r.headers["X-Request-Id"]) >= 16
+    r2 = await api.query("SELECT 1")
+    made = [r.headers["X-Request-Id"], r2.headers["X-Request-Id"]]
+    assert made[0] != made[1] and all(re.fullmatch(r"[0-9a-f]{32}", rid) for rid in made), made
     r = await api.request("POST", "/v1/query", json={"sql": "SELECT 1"}, headers={"X-Request-Id": "abc-123"})
     assert r.headers["X-Request-Id"] == "abc-123"
     r = await api.query("SELECT 1", key="wrong")
