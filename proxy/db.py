@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -159,6 +160,35 @@ def _quote_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+@dataclass(frozen=True, slots=True)
+class _Prefix:
+    query: str       # BEGIN ...; SET LOCAL ...; SET LOCAL ... as one simple query
+    messages: bytes  # the same statements as pipelined Parse/Bind/Execute messages
+
+
+@functools.lru_cache(maxsize=4096)
+def _tx_sql(guc: str, tenant_id: str, isolation: str | None, read_only: bool, deferrable: bool,
+            timeout_ms: int) -> tuple[_Prefix, str]:
+    """A transaction's prefix and its pool wall + COMMIT.  Cached: the same tenants send
+    the same kinds of transaction over and over.  ``tenant_id`` was canonicalised by
+    tenancy, and is quoted here as a literal besides."""
+    begin = "BEGIN"
+    if isolation is not None:
+        begin += " ISOLATION LEVEL " + ISOLATION_LEVELS[isolation]
+    if read_only:
+        begin += " READ ONLY"
+    if deferrable:
+        begin += " DEFERRABLE"
+    quoted = _quote_literal(tenant_id)
+    statements = (begin, f"SET LOCAL {guc} = {quoted}", f"SET LOCAL statement_timeout = {timeout_ms}")
+    # The pool wall: COMMIT only if the tenant setting is still the one we set.  A
+    # mismatch divides by zero, which aborts the transaction before COMMIT runs, in
+    # the same round trip as the COMMIT itself.
+    commit = (f"SELECT 1 / (pg_catalog.current_setting('{guc}', true) IS NOT DISTINCT FROM {quoted})::int"
+              "; COMMIT")
+    return _Prefix(query="; ".join(statements), messages=pipelined(statements)), commit
+
+
 class Database:
     """One pool of connections to PgBouncer."""
 
@@ -215,20 +245,8 @@ class Database:
     async def run_in_tenant_tx(self, tx: TxRequest, trace: RequestTrace) -> Outcome:
         """Run ``tx.statements`` in one transaction confined to ``tx.tenant_id``; all or nothing."""
         assert self.pool is not None
-        begin = "BEGIN"
-        if tx.isolation is not None:
-            begin += " ISOLATION LEVEL " + ISOLATION_LEVELS[tx.isolation]
-        if tx.read_only:
-            begin += " READ ONLY"
-        if tx.deferrable:
-            begin += " DEFERRABLE"
-        quoted = _quote_literal(tx.tenant_id)
-        prefix = (begin, f"SET LOCAL {self.guc} = {quoted}", f"SET LOCAL statement_timeout = {int(tx.timeout_ms)}")
-        # The pool wall: COMMIT only if the tenant setting is still the one we set.  A
-        # mismatch divides by zero, which aborts the transaction before COMMIT runs, in
-        # the same round trip as the COMMIT itself.
-        commit = (f"SELECT 1 / (pg_catalog.current_setting('{self.guc}', true) IS NOT DISTINCT FROM {quoted})::int"
-                  "; COMMIT")
+        prefix, commit = _tx_sql(self.guc, tx.tenant_id, tx.isolation, tx.read_only, tx.deferrable,
+                                 int(tx.timeout_ms))
         client_timeout = tx.timeout_ms / 1000 + _CLIENT_TIMEOUT_MARGIN_S
 
         started = time.perf_counter()
@@ -253,15 +271,15 @@ class Database:
             self.recent.append((time.monotonic(), trace.wait_s or 0.0, trace.db_s))
             await _release(self.pool, conn, self.cfg.acquire_timeout_ms / 1000)
 
-    async def _run(self, conn: asyncpg.Connection, tx: TxRequest, prefix: tuple[str, ...], commit: str,
+    async def _run(self, conn: asyncpg.Connection, tx: TxRequest, prefix: _Prefix, commit: str,
                    client_timeout: float) -> Outcome:
         try:
             if tx.claim is None and not tx.statements:
-                await conn.execute("; ".join(prefix), timeout=client_timeout)
+                await conn.execute(prefix.query, timeout=client_timeout)
             else:
                 # The first thing below is always a Parse+Describe (asyncpg's prepare); the
                 # prefix travels in front of it in the same round trip.
-                conn._transport.write(pipelined(prefix))
+                conn._transport.write(prefix.messages)
                 conn.set_gateway_tx_open(True)
             if tx.claim is not None:
                 replay = await _claim(conn, tx.tenant_id, tx.claim, client_timeout)
