@@ -34,14 +34,22 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-@functools.lru_cache(maxsize=16384)
 def canonical_tenant_id(value: str, id_format: str) -> str | None:
     """Return the canonical form of a tenant id, or None when it is not valid.
 
     The canonical form is what the gateway quotes into ``SET LOCAL``; only ids that
     pass this check ever reach SQL text.  Cached: it runs on every request, and
-    parsing a UUID costs more than the lookup.
+    parsing a UUID costs more than the lookup.  No valid id is longer than 63
+    characters, so longer values are refused before the cache, which then holds at
+    most 16,384 short strings whatever callers send.
     """
+    if len(value) > 63:
+        return None
+    return _canonical_tenant_id(value, id_format)
+
+
+@functools.lru_cache(maxsize=16384)
+def _canonical_tenant_id(value: str, id_format: str) -> str | None:
     if id_format == "uuid":
         if len(value) > 45:
             return None
@@ -49,7 +57,7 @@ def canonical_tenant_id(value: str, id_format: str) -> str | None:
             return str(uuid.UUID(value))
         except ValueError:
             return None
-    return value if SLUG_RE.match(value) else None
+    return value if SLUG_RE.fullmatch(value) else None  # fullmatch: `$` alone lets a trailing newline through
 
 
 @dataclass(frozen=True, slots=True)

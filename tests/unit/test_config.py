@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from proxy.config import ConfigError, load_config, parse_config, redact_dsn
+from proxy.config import ConfigError, canonical_tenant_id, load_config, parse_config, redact_dsn
 
 KEY = "a" * 64
 TENANT = "11111111-1111-4111-8111-111111111111"
@@ -116,6 +116,16 @@ def test_slug_tenants() -> None:
     assert parse_config(raw, {}).auth.api_keys[0].tenants == frozenset({"acme-corp"})
     raw["auth"]["api_keys"][0]["tenant"] = "Acme Corp!"
     assert problems(raw) == ["auth.api_keys[0].tenant: 'Acme Corp!' is not a valid slug tenant id"]
+
+
+def test_tenant_id_checks_refuse_what_is_not_exactly_an_id() -> None:
+    assert canonical_tenant_id("acme-corp", "slug") == "acme-corp"
+    assert canonical_tenant_id("a" * 63, "slug") == "a" * 63
+    for bad in ("acme\n", "a" * 64, "x" * 10_000, "Acme", ""):
+        assert canonical_tenant_id(bad, "slug") is None, bad
+    assert canonical_tenant_id("{" + TENANT.upper() + "}", "uuid") == TENANT
+    for bad in (TENANT + "\n", TENANT + "0", "f" * 10_000):
+        assert canonical_tenant_id(bad, "uuid") is None, bad
 
 
 def test_uuid_tenant_ids_are_canonicalised() -> None:
