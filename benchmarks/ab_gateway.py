@@ -19,7 +19,6 @@ come and go, and the one that says whether a change made the gateway's Python ch
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
 import sys
 import tempfile
@@ -29,36 +28,22 @@ from typing import Any
 import yaml
 
 from .harness import gateway_process, local_stack
-from .loadtools import write_requests, wrk
-from .throughput import api_key_headers, gateway_body, mix
+from .loadtools import cpu_seconds_of, pid_of, write_requests, wrk
+from .throughput import LIMITS, api_key_headers, gateway_body, mix
 
-LIMITS = {"rate_per_s": 100000, "burst": 100000, "max_concurrency": 32}
 ROUND_S = 8
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _gateway_pid(port: int) -> int:
-    """The process serving on ``port`` (its config file is named after the port)."""
-    marker = f"gateway-{port}.yaml".encode()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError), open(f"/proc/{entry}/cmdline", "rb") as f:
-                if marker in f.read():
-                    return int(entry)
-    raise SystemExit(f"ab_gateway: no process serves port {port}")
-
-
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    """The process serving on ``port`` (harness.gateway_process names its config after the port)."""
+    return pid_of("proxy", "serve", f"gateway-{port}.yaml")
 
 
 def _round(url: str, pid: int, requests: Path) -> tuple[float, float]:
     """One wrk round: (req/s, gateway CPU ms per request)."""
-    before = _cpu_s(pid)
+    before = cpu_seconds_of(pid)
     rate = wrk(url, requests, duration_s=ROUND_S).ok_per_s
-    return rate, (_cpu_s(pid) - before) * 1000 / max(rate * ROUND_S, 1)
+    return rate, (cpu_seconds_of(pid) - before) * 1000 / max(rate * ROUND_S, 1)
 
 
 def _overrides(args: list[str]) -> dict[str, dict[str, Any]]:

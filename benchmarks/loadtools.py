@@ -215,6 +215,12 @@ def rss_mb_of(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def cpu_seconds_of(pid: int) -> float:
+    """CPU time (user + system) another process has used so far, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
 def status_codes(admin_port: int) -> Counter[str]:
     """tenant_proxy_requests_total summed by status code, from the gateway's /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as r:

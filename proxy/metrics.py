@@ -257,16 +257,15 @@ class Metrics:
     # -- reading ------------------------------------------------------------------
     def snapshot(self) -> _Scrape:
         """Everything a scrape shows, copied now (on the event loop, which writes it)."""
-        m = self
-        now = m.clock()
-        m._refresh(now)
-        loads = [load for load in m.hot.top(m.cfg.tenant_label_limit, now) if load.tenant in m._labelled]
+        now = self.clock()
+        self._refresh(now)
+        loads = [load for load in self.hot.top(self.cfg.tenant_label_limit, now) if load.tenant in self._labelled]
         inflight: dict[str, int] = {}
-        for tenant, n in m._inflight().items():
-            label = m.label(tenant)
+        for tenant, n in self._inflight().items():
+            label = self.label(tenant)
             inflight[label] = inflight.get(label, 0) + n
-        return _Scrape(m.registry, [f.copy() for f in m._per_request], m.folded, loads, sorted(inflight.items()),
-                       m._pools(), m.pgbouncer)
+        return _Scrape(self.registry, [f.copy() for f in self._per_request], self.folded, loads,
+                       sorted(inflight.items()), self._pools(), self.pgbouncer)
 
     def exposition(self, accept: str | None, snapshot: _Scrape | None = None) -> tuple[bytes, str]:
         """Prometheus text, or OpenMetrics (with exemplars) when the scraper asks for it.
