@@ -7,8 +7,11 @@ Per request, through PgBouncer in transaction mode::
         -- messages in the same round trip as the first statement's Parse+Describe
     <caller statements>   -- extended protocol only, unnamed statements (statement_cache_size=0):
                           -- Parse+Describe, then Bind+Execute+Sync with a row limit (statement.py)
-    check the transaction is still open
+    the pool wall: the tenant setting is still the one set, or the transaction aborts
     COMMIT                -- or ROLLBACK on any error
+
+When the last statement returns rows, the wall and the COMMIT travel as extended-protocol
+messages in front of its Sync (``GatewayConnection.gateway_writer``): one round trip less.
 
 A connection whose state is not what the gateway expects is terminated, never reused.
 """
@@ -96,14 +99,116 @@ class Outcome:
     replay: idempotency.Replay | None = None  # the stored answer to an earlier identical request
 
 
+_SYNC = b"S\0\0\0\4"
+
+
+class _SplicingTransport:
+    """The transport asyncpg's protocol writes through.  It passes every write on, except
+    that messages armed in ``before_sync`` go in front of the Sync that ends the next
+    write (asyncpg writes Bind+Execute+Sync as one), in the same send."""
+
+    __slots__ = ("_transport", "before_sync")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self.before_sync: bytes | None = None
+
+    def write(self, data: Any) -> None:
+        tail = self.before_sync
+        if tail is not None and data[-5:] == _SYNC:
+            self.before_sync = None
+            self._transport.writelines((data[:-5], tail, _SYNC))
+        else:
+            self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class _Adopt(asyncio.Protocol):
+    """Hands the new transport to asyncpg's protocol through a ``_SplicingTransport``
+    (asyncpg's own TLS upgrade path does the same with ``set_protocol``)."""
+
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+        self.writer: _SplicingTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.writer = _SplicingTransport(transport)
+        transport.set_protocol(self.protocol)
+        self.protocol.connection_made(self.writer)
+
+
+class _ConnectVia:
+    """The event loop as ``asyncpg.connect`` sees it (``_connect``): the loop itself, but
+    asyncpg's protocol gets the connection's transport wrapped in a ``_SplicingTransport``,
+    left in ``writer``.  Either the loop hands it over (``_Adopt``), or asyncpg does, after
+    its SSL negotiation (``sslmode`` prefer and up), with what ``create_connection`` or
+    ``start_tls`` returned.  asyncpg's protocol keeps this object as its loop (for its
+    timers); the connection gets the real one (``GatewayConnection``)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.real_loop = loop
+        self.writer: _SplicingTransport | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self.real_loop, name)
+        setattr(self, name, value)  # looked up once
+        return value
+
+    async def create_connection(self, factory: Callable[[], Any], *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        return await self._open(self.real_loop.create_connection, factory, *args, **kwargs)
+
+    async def create_unix_connection(self, factory: Callable[[], Any], *args: Any,
+                                     **kwargs: Any) -> tuple[Any, Any]:
+        return await self._open(self.real_loop.create_unix_connection, factory, *args, **kwargs)
+
+    async def start_tls(self, transport: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(transport, _SplicingTransport):
+            transport = transport._transport
+        upgraded = await self.real_loop.start_tls(transport, *args, **kwargs)
+        self.writer = None if upgraded is None else _SplicingTransport(upgraded)
+        return self.writer
+
+    async def _open(self, open_connection: Callable[..., Any], factory: Callable[[], Any], *args: Any,
+                    **kwargs: Any) -> tuple[Any, Any]:
+        adopted: list[_Adopt] = []
+
+        def make() -> Any:
+            protocol = factory()
+            if isinstance(protocol, asyncpg.protocol.Protocol):
+                adopted.append(_Adopt(protocol))
+                return adopted[-1]
+            return protocol
+
+        transport, protocol = await open_connection(make, *args, **kwargs)
+        if adopted:
+            self.writer = adopted[0].writer
+            return transport, adopted[0].protocol
+        self.writer = _SplicingTransport(transport)  # asyncpg's SSL negotiation hands it over
+        return self.writer, protocol
+
+
+async def _connect(*args: Any, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> asyncpg.Connection:
+    """The pool's ``connect``: asyncpg's, through ``_ConnectVia``."""
+    return await asyncpg.connect(*args, loop=_ConnectVia(loop), **kwargs)
+
+
 class GatewayConnection(asyncpg.Connection):  # type: ignore[misc]
     """asyncpg's type introspection (first use of an enum or other non-builtin type)
     toggles JIT with ``set_config('jit', ..., false)``: a session-level change through
     a pooled backend, and a call the hardened role may not make.  The role runs with
-    ``jit = off`` (deploy/sql), so the toggle is skipped."""
+    ``jit = off`` (deploy/sql), so the toggle is skipped.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    ``gateway_writer``: the connection's ``_SplicingTransport`` when made by ``_connect``."""
+
+    def __init__(self, protocol: Any, transport: Any, loop: Any, *args: Any, **kwargs: Any) -> None:
+        self.gateway_writer: _SplicingTransport | None = None
+        if isinstance(loop, _ConnectVia):
+            self.gateway_writer = loop.writer
+            loop = loop.real_loop
+        super().__init__(protocol, transport, loop, *args, **kwargs)
         self._server_caps = self._server_caps._replace(jit=False)  # type: ignore[has-type]
         # True from the pipelined BEGIN until COMMIT or ROLLBACK: asyncpg's own idea of
         # the transaction status comes from the last ReadyForQuery, which can predate it.
@@ -160,15 +265,23 @@ def _quote_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+# In the message of the error the pool wall raises: no statement the guard lets through
+# produces it by accident, and a caller who produces it on purpose only gets its own
+# request refused.
+WALL_MARK = "pg-tenant-proxy: the tenant setting changed"
+
+
 @dataclass(frozen=True, slots=True)
-class _Prefix:
-    query: str       # BEGIN ...; SET LOCAL ...; SET LOCAL ... as one simple query
-    messages: bytes  # the same statements as pipelined Parse/Bind/Execute messages
+class _TxSql:
+    prefix: str           # BEGIN ...; SET LOCAL ...; SET LOCAL ... as one simple query
+    prefix_messages: bytes  # the same statements as pipelined Parse/Bind/Execute messages
+    commit: str           # the pool wall, then COMMIT, as one simple query
+    commit_messages: bytes  # the same as messages to send in front of the last statement's Sync
 
 
 @functools.lru_cache(maxsize=4096)
 def _tx_sql(guc: str, tenant_id: str, isolation: str | None, read_only: bool, deferrable: bool,
-            timeout_ms: int) -> tuple[_Prefix, str]:
+            timeout_ms: int) -> _TxSql:
     """A transaction's prefix and its pool wall + COMMIT.  Cached: the same tenants send
     the same kinds of transaction over and over.  ``tenant_id`` was canonicalised by
     tenancy, and is quoted here as a literal besides."""
@@ -181,12 +294,18 @@ def _tx_sql(guc: str, tenant_id: str, isolation: str | None, read_only: bool, de
         begin += " DEFERRABLE"
     quoted = _quote_literal(tenant_id)
     statements = (begin, f"SET LOCAL {guc} = {quoted}", f"SET LOCAL statement_timeout = {timeout_ms}")
-    # The pool wall: COMMIT only if the tenant setting is still the one we set.  A
-    # mismatch divides by zero, which aborts the transaction before COMMIT runs, in
-    # the same round trip as the COMMIT itself.
-    commit = (f"SELECT 1 / (pg_catalog.current_setting('{guc}', true) IS NOT DISTINCT FROM {quoted})::int"
-              "; COMMIT")
-    return _Prefix(query="; ".join(statements), messages=pipelined(statements)), commit
+    # The pool wall: COMMIT only if the tenant setting is still the one we set.  It
+    # returns no row; on a mismatch it fails (a text that is no integer, with WALL_MARK
+    # in the message; random() keeps the planner from trying that cast in advance), which
+    # aborts the transaction before COMMIT runs, in the same round trip as the COMMIT.
+    wall = (f"SELECT WHERE CASE WHEN pg_catalog.current_setting('{guc}', true) IS NOT DISTINCT FROM {quoted} "
+            f"THEN false ELSE ('{WALL_MARK} ' || pg_catalog.random())::int = 0 END")
+    return _TxSql(prefix="; ".join(statements), prefix_messages=pipelined(statements),
+                  commit=wall + "; COMMIT", commit_messages=pipelined((wall, "COMMIT")))
+
+
+def _tripped_wall(exc: asyncpg.PostgresError) -> bool:
+    return exc.sqlstate == "22P02" and WALL_MARK in (getattr(exc, "message", None) or "")
 
 
 class Database:
@@ -213,7 +332,7 @@ class Database:
         kwargs: dict[str, Any] = dict(
             dsn=self.cfg.dsn, max_size=self.cfg.pool_max_size, statement_cache_size=0,
             timeout=self.cfg.connect_timeout_ms / 1000, init=_init_connection, reset=_no_reset,
-            connection_class=GatewayConnection,
+            connection_class=GatewayConnection, connect=_connect,
             max_inactive_connection_lifetime=300.0,
         )
         try:
@@ -245,8 +364,7 @@ class Database:
     async def run_in_tenant_tx(self, tx: TxRequest, trace: RequestTrace) -> Outcome:
         """Run ``tx.statements`` in one transaction confined to ``tx.tenant_id``; all or nothing."""
         assert self.pool is not None
-        prefix, commit = _tx_sql(self.guc, tx.tenant_id, tx.isolation, tx.read_only, tx.deferrable,
-                                 int(tx.timeout_ms))
+        sql = _tx_sql(self.guc, tx.tenant_id, tx.isolation, tx.read_only, tx.deferrable, int(tx.timeout_ms))
         client_timeout = tx.timeout_ms / 1000 + _CLIENT_TIMEOUT_MARGIN_S
 
         started = time.perf_counter()
@@ -264,29 +382,37 @@ class Database:
             trace.wait_s = time.perf_counter() - started
         started = time.perf_counter()
         try:
-            return await self._run(conn, tx, prefix, commit, client_timeout)
+            return await self._run(conn, tx, sql, client_timeout)
         finally:
             done = time.perf_counter()
             trace.db_s = done - started
             self.recent.append((time.monotonic(), trace.wait_s or 0.0, trace.db_s))
             await _release(self.pool, conn, self.cfg.acquire_timeout_ms / 1000)
 
-    async def _run(self, conn: asyncpg.Connection, tx: TxRequest, prefix: _Prefix, commit: str,
-                   client_timeout: float) -> Outcome:
+    async def _run(self, conn: asyncpg.Connection, tx: TxRequest, sql: _TxSql, client_timeout: float) -> Outcome:
         try:
             if tx.claim is None and not tx.statements:
-                await conn.execute(prefix.query, timeout=client_timeout)
+                await conn.execute(sql.prefix, timeout=client_timeout)
             else:
                 # The first thing below is always a Parse+Describe (asyncpg's prepare); the
                 # prefix travels in front of it in the same round trip.
-                conn._transport.write(prefix.messages)
+                conn._transport.write(sql.prefix_messages)
                 conn.set_gateway_tx_open(True)
             if tx.claim is not None:
                 replay = await _claim(conn, tx.tenant_id, tx.claim, client_timeout)
                 if replay is not None:
                     await _rollback(conn)
                     return Outcome(results=[], replay=replay)
-            results = [await run_statement(conn, st, client_timeout, tx.max_rows, tx.sink) for st in tx.statements]
+            # Without an idempotency record to store or a row count to check first, the
+            # wall and COMMIT can go with the last statement (when it returns rows).
+            tail = sql.commit_messages if tx.claim is None and not tx.strict_rows else None
+            last = len(tx.statements) - 1
+            results = [await run_statement(conn, st, client_timeout, tx.max_rows, tx.sink,
+                                           commit=tail if i == last else None)
+                       for i, st in enumerate(tx.statements)]
+            if results and results[-1].committed:
+                conn.set_gateway_tx_open(False)
+                return Outcome(results=results)
             if tx.strict_rows and any(r.truncated for r in results):
                 raise ApiError(SQL_ERROR_DATA, f"a statement returned more than {tx.max_rows} rows (the tenant's "
                                "max_rows); add a LIMIT", sqlstate="54000")
@@ -299,16 +425,14 @@ class Database:
                 assert tx.render is not None
                 body = tx.render(results)
                 await conn.execute(idempotency.STORE_SQL, tx.claim.key, 200, body, timeout=client_timeout)
-            try:
-                await conn.execute(commit, timeout=client_timeout)
-                conn.set_gateway_tx_open(False)
-            except asyncpg.DivisionByZeroError:
-                await _rollback(conn)
-                _terminate(conn)
-                raise ApiError(STATEMENT_REJECTED, "the statement changed the tenant setting") from None
+            await conn.execute(sql.commit, timeout=client_timeout)
+            conn.set_gateway_tx_open(False)
             return Outcome(results=results, body=body)
         except asyncpg.PostgresError as exc:
             await _rollback(conn)
+            if _tripped_wall(exc):
+                _terminate(conn)
+                raise ApiError(STATEMENT_REJECTED, "the statement changed the tenant setting") from None
             if type(exc) is asyncpg.DataError:
                 # asyncpg's own (the server's data errors are subclasses): a parameter its codec refused
                 raise ApiError(INVALID_REQUEST, f"invalid parameter: {exc}") from None
@@ -321,9 +445,12 @@ class Database:
             raise ApiError(STATEMENT_TIMEOUT, "statement cancelled: it ran past its time limit") from None
         except asyncpg.UnsupportedClientFeatureError:
             # Raised while decoding a result: the connection's protocol state is unknown.
+            # The COMMIT may have travelled with the statement (no transaction left open).
+            committed = not conn.is_in_transaction()
             _terminate(conn)
             raise ApiError(SQL_ERROR_DATA, "the result holds a value of a type the gateway cannot return; "
-                           "select its fields instead") from None
+                           "select its fields instead" + ("; the transaction was committed" if committed else "")
+                           ) from None
         except _CONNECTION_ERRORS as exc:
             _terminate(conn)
             raise _unavailable(exc) from None

@@ -3,8 +3,8 @@
 ``run_statement``: Parse+Describe (asyncpg's prepare), then a single Bind+Execute+Sync with
 a row limit (one more row than wanted, to detect truncation), reading a large result on
 in batches into a ``RowSink``.  ``pipelined``: the gateway's own parameterless statements
-(``BEGIN``, ``SET LOCAL``) as raw messages to write in front of it.  The transaction
-around them is db.py's.
+(``BEGIN``, ``SET LOCAL``; the pool wall and ``COMMIT``) as raw messages to write in front
+of it, or in front of its Sync.  The transaction around them is db.py's.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class Result:
     truncated: bool
     streamed: bool = False  # the rows went to a RowSink as they came
     type_oids: list[int] = field(default_factory=list)  # of the columns, in order
+    committed: bool = False  # the transaction's COMMIT travelled with the statement, and ran
 
 
 class RowSink(Protocol):
@@ -92,7 +93,12 @@ async def _prepare(conn: asyncpg.Connection, sql: str, timeout: float) -> Any:
 
 
 async def run_statement(conn: asyncpg.Connection, st: Statement, timeout: float, max_rows: int,
-               sink: RowSink | None = None) -> Result:
+                        sink: RowSink | None = None, commit: bytes | None = None) -> Result:
+    """``commit``: messages that end the transaction (db.py's pool wall and COMMIT).  For a
+    statement that returns rows and does not stream, they go in front of its Sync, so the
+    transaction ends in the same round trip (``Result.committed``); an error in them
+    raises as the statement's.  Its own command tag is lost to the COMMIT's then, but a
+    statement that returns rows is counted by its rows.  Otherwise they are not sent."""
     state = await _prepare(conn, st.sql, timeout)
     params = (st.convert or convert_params)(st.params, [_describe(t) for t in state._get_parameters()])
     attributes = state._get_attributes()
@@ -106,7 +112,21 @@ async def run_statement(conn: asyncpg.Connection, st: Statement, timeout: float,
     protocol = conn._protocol
     portal = conn._get_unique_id("portal") if streaming else ""
     first = sink.threshold + 1 if streaming and sink is not None else max_rows + 1
-    rows, status, done = await protocol.bind_execute(state, params, portal, first, True, timeout)
+    writer = getattr(conn, "gateway_writer", None) if commit is not None and columns and not streaming else None
+    if writer is None:
+        rows, status, done = await protocol.bind_execute(state, params, portal, first, True, timeout)
+    else:
+        writer.before_sync = commit
+        try:
+            rows, status, done = await protocol.bind_execute(state, params, portal, first, True, timeout)
+        finally:
+            committed = writer.before_sync is None
+            writer.before_sync = None
+        if committed:
+            truncated = len(rows) > max_rows
+            del rows[max_rows:]
+            return Result(columns=columns, rows=rows, row_count=len(rows), command=st.command,
+                          truncated=truncated, type_oids=oids, committed=True)
     if streaming and sink is not None and len(rows) > sink.threshold:
         return await _streamed(protocol, state, portal, rows, st, columns, oids, timeout, max_rows, sink)
     truncated = len(rows) > max_rows

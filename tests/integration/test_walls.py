@@ -12,8 +12,10 @@ import pytest
 import yaml
 
 from proxy.app import start_gateway
-from proxy.db import RoleCanBypassRls, _connected_holder_free, _release, _releases_at_once
-from proxy.statement import _prepare, pipelined
+from proxy.db import Database, RoleCanBypassRls, TxRequest, _connected_holder_free, _release, _releases_at_once
+from proxy.errors import ApiError
+from proxy.statement import Statement, _prepare, pipelined
+from proxy.trace import RequestTrace
 
 from ..fix_gateway import KEY_A, KEY_B, TENANT_A, TENANT_B, base_config, make_settings, merge
 from ..fix_stack import Stack
@@ -149,3 +151,123 @@ async def test_serve_refuses_a_role_that_bypasses_rls(stack: Stack, bypass_role:
     assert "refusing to start" in proc.stderr and "NOBYPASSRLS" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert KEY_A not in proc.stderr
+
+
+def _queries_sent(pool: asyncpg.Pool) -> int:
+    """asyncpg's count of Bind+Execute and simple-query round trips on the pool's one connection."""
+    holder = next(h for h in pool._holders if h._con is not None)
+    return int(holder._con._protocol.queries_count)
+
+
+async def test_the_commit_travels_with_a_last_statement_that_returns_rows(gateway_with: Any,
+                                                                        admin_db: asyncpg.Connection) -> None:
+    """Wall + COMMIT go in front of the Sync of a last statement that returns rows: one
+    round trip instead of two after the Parse+Describe.  It still commits, counts its
+    rows, truncates at max_rows; other statements end with a COMMIT of their own."""
+    async with gateway_with(database={"pool_min_size": 1, "pool_max_size": 1}) as api:
+        pool = api.running.gateway.database.pool
+        assert pool is not None
+        assert (await api.query("SELECT 1 AS one")).status == 200  # the one connection exists
+        assert pool.get_size() == 1
+
+        before = _queries_sent(pool)
+        r = await api.query("INSERT INTO events (event_type, data) SELECT 'pipelined', '{}' FROM generate_series(1, 3) "
+                            "RETURNING event_type", max_rows=2)
+        assert _queries_sent(pool) - before == 1
+        assert r.status == 200, r.body
+        assert r.body["command"] == "INSERT" and r.body["row_count"] == 2 and r.body["truncated"] is True
+        assert r.body["rows"] == [{"event_type": "pipelined"}] * 2
+        assert await admin_db.fetchval("SELECT count(*) FROM events WHERE event_type = 'pipelined'") == 3
+
+        before = _queries_sent(pool)
+        r = await api.query("UPDATE events SET data = '{\"seen\": 1}' WHERE event_type = 'pipelined'")
+        assert _queries_sent(pool) - before == 2  # its Bind+Execute, then the wall + COMMIT
+        assert r.status == 200 and r.body["command"] == "UPDATE" and r.body["row_count"] == 3
+        assert await admin_db.fetchval("SELECT count(*) FROM events WHERE data = '{\"seen\": 1}'") == 3
+
+        # An error in the statement: the wall and COMMIT after it never run, nothing stays open.
+        r = await api.query("SELECT 1 / (count(*) - 3) AS x FROM events WHERE event_type = 'pipelined'")
+        assert r.status == 422 and r.body["error"]["sqlstate"] == "22012"
+        r = await api.query("SELECT current_setting('app.tenant_id') AS t")
+        assert r.status == 200 and r.body["rows"] == [{"t": TENANT_A}]
+        assert pool.get_size() == 1
+        await admin_db.execute("DELETE FROM events WHERE event_type = 'pipelined'")
+
+
+async def test_pool_wall_holds_when_the_commit_has_its_own_round_trip(gateway_with: Any,
+                                                                    admin_db: asyncpg.Connection) -> None:
+    """The last statement returns no rows, so the wall runs with its own COMMIT; a tenant
+    change earlier in the transaction still stops the write from committing."""
+    await admin_db.execute("GRANT EXECUTE ON FUNCTION set_config(text, text, boolean) TO app")
+    try:
+        async with gateway_with(guard={"allow_functions": ["set_config"]},
+                                database={"pool_min_size": 1, "pool_max_size": 1}) as api:
+            r = await api.transaction([
+                {"sql": "SELECT set_config('app.tenant_id', $1, true)", "params": [TENANT_B]},
+                {"sql": "INSERT INTO events (tenant_id, event_type, data) VALUES ($1, 'wall2', '{}')",
+                 "params": [TENANT_B]},
+            ])
+            assert r.code == "statement_rejected" and "changed the tenant setting" in r.body["error"]["message"]
+            assert await admin_db.fetchval("SELECT count(*) FROM events WHERE event_type = 'wall2'") == 0
+            after = await api.query("SELECT current_setting('app.tenant_id') AS t")
+            assert after.status == 200 and after.body["rows"] == [{"t": TENANT_A}]
+    finally:
+        await admin_db.execute("REVOKE EXECUTE ON FUNCTION set_config(text, text, boolean) FROM app")
+
+
+async def _database(stack: Stack, dsn: str) -> Database:
+    settings = make_settings(stack, database={"dsn": dsn, "pool_min_size": 1, "pool_max_size": 1})
+    db = Database(settings.database, settings.tenancy.guc)
+    await db.start()
+    return db
+
+
+def _tx(sql: str, **options: Any) -> TxRequest:
+    command = sql.split(" ", 1)[0]
+    return TxRequest(tenant_id=TENANT_A, statements=[Statement(sql, [], command)], read_only=False, isolation=None,
+                     timeout_ms=5000, **{"max_rows": 10, **options})
+
+
+async def test_a_strict_row_cap_is_checked_before_the_commit(stack: Stack, admin_db: asyncpg.Connection) -> None:
+    """With ``strict_rows`` (Neon's endpoint), too many rows fail the transaction: the
+    COMMIT must not have travelled with the statement."""
+    db = await _database(stack, stack.gateway_dsn)
+    try:
+        insert = "INSERT INTO events (event_type, data) SELECT 'strict', '{}' FROM generate_series(1, 3) RETURNING id"
+        with pytest.raises(ApiError) as refused:
+            await db.run_in_tenant_tx(_tx(insert, max_rows=2, strict_rows=True), RequestTrace(endpoint="test"))
+        assert refused.value.sqlstate == "54000"
+        assert await admin_db.fetchval("SELECT count(*) FROM events WHERE event_type = 'strict'") == 0
+        outcome = await db.run_in_tenant_tx(_tx(insert, max_rows=3, strict_rows=True), RequestTrace(endpoint="test"))
+        assert not outcome.results[0].committed and outcome.results[0].row_count == 3
+        assert await admin_db.fetchval("SELECT count(*) FROM events WHERE event_type = 'strict'") == 3
+    finally:
+        await db.close()
+        await admin_db.execute("DELETE FROM events WHERE event_type = 'strict'")
+
+
+@pytest.mark.parametrize("how", ["tcp, sslmode=prefer", "tcp, sslmode=disable", "unix socket"])
+async def test_every_way_of_connecting_carries_the_commit(stack: Stack, how: str) -> None:
+    """``_connect`` wraps the transport asyncpg's protocol writes through whichever way the
+    connection was made: handed over by the loop (no SSL negotiation: ``sslmode=disable``,
+    Unix sockets) or by asyncpg after its SSL negotiation (the default, ``prefer``)."""
+    dsn = stack.gateway_dsn
+    if how == "tcp, sslmode=disable":
+        dsn += "?sslmode=disable"
+    elif how == "unix socket":
+        if stack.local is None:
+            pytest.skip("the container stack's PgBouncer socket is not reachable from here")
+        local = stack.local
+        dsn = (dsn.replace(f"@127.0.0.1:{local.bouncer_port}/", "@/")
+               + f"?host={local.run_dir}&port={local.bouncer_port}")
+    db = await _database(stack, dsn)
+    try:
+        assert db.pool is not None
+        async with db.pool.acquire() as conn:
+            assert conn.gateway_writer is not None
+            assert isinstance(conn._transport.get_extra_info("peername"), str) == (how == "unix socket")
+        outcome = await db.run_in_tenant_tx(_tx("SELECT current_setting('app.tenant_id') AS t"),
+                                            RequestTrace(endpoint="test"))
+        assert outcome.results[0].committed and [tuple(r) for r in outcome.results[0].rows] == [(TENANT_A,)]
+    finally:
+        await db.close()
