@@ -208,6 +208,8 @@ class GatewayConnection(asyncpg.Connection):  # type: ignore[misc]
         if isinstance(loop, _ConnectVia):
             self.gateway_writer = loop.writer
             loop = loop.real_loop
+        if isinstance(transport, _SplicingTransport):
+            transport = transport._transport  # the gateway's own writes need no splicing
         super().__init__(protocol, transport, loop, *args, **kwargs)
         self._server_caps = self._server_caps._replace(jit=False)  # type: ignore[has-type]
         # True from the pipelined BEGIN until COMMIT or ROLLBACK: asyncpg's own idea of

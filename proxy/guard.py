@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pglast import ast, parse_sql
+from pglast import ast, enums, parse_sql
 from pglast.parser import ParseError, fingerprint
 
 from .config import GuardConfig
@@ -74,6 +74,32 @@ class Verdict:
     command: str
     fingerprint: str
     rejection: str | None = None
+    # The most rows the statement can return, when its top level says so: LIMIT n
+    # (``row_limit``) or LIMIT $k (``limit_param`` = k, the bound comes with the parameters).
+    row_limit: int | None = None
+    limit_param: int | None = None
+
+    def row_bound(self, params: Sequence[Any]) -> int | None:
+        """The most rows the statement returns with ``params``, when the statement says."""
+        if self.limit_param is None:
+            return self.row_limit
+        value = params[self.limit_param - 1] if self.limit_param <= len(params) else None
+        return value if type(value) is int and value >= 0 else None
+
+
+def _limit(top: Any) -> tuple[int | None, int | None]:
+    """A top-level SELECT's LIMIT / FETCH FIRST ... ONLY: a constant, or the number of the
+    parameter it is (cast or not).  Anything else (an expression, WITH TIES) bounds nothing."""
+    if not isinstance(top, ast.SelectStmt) or top.limitOption != enums.LimitOption.LIMIT_OPTION_COUNT:
+        return None, None
+    count = top.limitCount
+    if isinstance(count, ast.TypeCast):
+        count = count.arg
+    if isinstance(count, ast.ParamRef):
+        return None, count.number
+    if isinstance(count, ast.A_Const) and not count.isnull and isinstance(count.val, ast.Integer):
+        return max(int(count.val.ival), 0), None
+    return None, None
 
 
 class Guard:
@@ -122,7 +148,7 @@ class Guard:
                 self._node(node, node is top)
         except _Rejected as rej:
             return Verdict("", fp, str(rej))
-        return Verdict(command, fp)
+        return Verdict(command, fp, None, *_limit(top))
 
     def _top_level(self, top: Any) -> str:
         if isinstance(top, ast.ExplainStmt):

@@ -26,6 +26,7 @@ class Statement:
     command: str
     # How params become driver values for the types PostgreSQL inferred (default: JSON, encode.py).
     convert: Callable[[Sequence[Any], Sequence[tuple[str, str, str | None]]], list[Any]] | None = None
+    row_bound: int | None = None  # the most rows it can return (its LIMIT), when known (guard.py)
 
 
 @dataclass(slots=True)
@@ -104,7 +105,10 @@ async def run_statement(conn: asyncpg.Connection, st: Statement, timeout: float,
     attributes = state._get_attributes()
     columns = [(a.name, type_label(*_describe(a.type))) for a in attributes]
     oids = [a.type.oid for a in attributes]
-    streaming = sink is not None and bool(columns) and max_rows > sink.threshold
+    # A result that may be larger than the sink's threshold is read through a named portal
+    # that can be read on; one whose LIMIT keeps it within the threshold is not.
+    streaming = (sink is not None and bool(columns) and max_rows > sink.threshold
+                 and (st.row_bound is None or st.row_bound > sink.threshold))
     # One Bind+Execute round trip with a row limit (one more than wanted, to detect
     # truncation) keeps a large result on the server.  When the result may stream, the
     # portal is named so that it can be read on in batches.  asyncpg offers this only
@@ -113,6 +117,7 @@ async def run_statement(conn: asyncpg.Connection, st: Statement, timeout: float,
     portal = conn._get_unique_id("portal") if streaming else ""
     first = sink.threshold + 1 if streaming and sink is not None else max_rows + 1
     writer = getattr(conn, "gateway_writer", None) if commit is not None and columns and not streaming else None
+    committed = False
     if writer is None:
         rows, status, done = await protocol.bind_execute(state, params, portal, first, True, timeout)
     else:
@@ -122,17 +127,12 @@ async def run_statement(conn: asyncpg.Connection, st: Statement, timeout: float,
         finally:
             committed = writer.before_sync is None
             writer.before_sync = None
-        if committed:
-            truncated = len(rows) > max_rows
-            del rows[max_rows:]
-            return Result(columns=columns, rows=rows, row_count=len(rows), command=st.command,
-                          truncated=truncated, type_oids=oids, committed=True)
     if streaming and sink is not None and len(rows) > sink.threshold:
         return await _streamed(protocol, state, portal, rows, st, columns, oids, timeout, max_rows, sink)
     truncated = len(rows) > max_rows
     if truncated:
         del rows[max_rows:]
-    status = status.decode() if status else ""
+    status = status.decode() if status and not committed else ""  # a committed one's is the COMMIT's
     if status and done:
         tag, _, count = status.rpartition(" ")
         command = tag.split(" ")[0] if tag else status
@@ -140,7 +140,7 @@ async def run_statement(conn: asyncpg.Connection, st: Statement, timeout: float,
     else:
         command, row_count = st.command, len(rows)
     return Result(columns=columns, rows=rows, row_count=row_count, command=command, truncated=truncated,
-                  type_oids=oids)
+                  type_oids=oids, committed=committed)
 
 
 async def _streamed(protocol: Any, state: Any, portal: str, rows: list[asyncpg.Record], st: Statement,

@@ -164,10 +164,12 @@ async def test_the_commit_travels_with_a_last_statement_that_returns_rows(gatewa
     """Wall + COMMIT go in front of the Sync of a last statement that returns rows: one
     round trip instead of two after the Parse+Describe.  It still commits, counts its
     rows, truncates at max_rows; other statements end with a COMMIT of their own."""
-    async with gateway_with(database={"pool_min_size": 1, "pool_max_size": 1}) as api:
+    async with gateway_with(database={"pool_min_size": 1, "pool_max_size": 1},
+                            defaults={"max_rows": 10000}, server={"stream_threshold_rows": 1000}) as api:
         pool = api.running.gateway.database.pool
         assert pool is not None
         assert (await api.query("SELECT 1 AS one")).status == 200  # the one connection exists
+        others = (await api.query("SELECT count(*) AS n FROM events")).body["rows"][0]["n"]
         assert pool.get_size() == 1
 
         before = _queries_sent(pool)
@@ -184,6 +186,18 @@ async def test_the_commit_travels_with_a_last_statement_that_returns_rows(gatewa
         assert _queries_sent(pool) - before == 2  # its Bind+Execute, then the wall + COMMIT
         assert r.status == 200 and r.body["command"] == "UPDATE" and r.body["row_count"] == 3
         assert await admin_db.fetchval("SELECT count(*) FROM events WHERE data = '{\"seen\": 1}'") == 3
+
+        # Past the stream threshold (the default max_rows is), a result may stream, from a
+        # portal the COMMIT would close; a LIMIT within the threshold rules that out.
+        for sql, params, sent in [("SELECT id FROM events ORDER BY id LIMIT 5", [], 1),
+                                  ("SELECT id FROM events ORDER BY id LIMIT $1", [5], 1),
+                                  ("SELECT id FROM events ORDER BY id LIMIT 5000", [], 2),
+                                  ("SELECT id FROM events ORDER BY id", [], 2)]:
+            before = _queries_sent(pool)
+            r = await api.query(sql, *params)
+            assert r.status == 200 and _queries_sent(pool) - before == sent, (sql, r.body)
+            total = others + 3  # and the three rows inserted above
+            assert len(r.body["rows"]) == r.body["row_count"] == (total if sent == 2 else min(total, 5))
 
         # An error in the statement: the wall and COMMIT after it never run, nothing stays open.
         r = await api.query("SELECT 1 / (count(*) - 3) AS x FROM events WHERE event_type = 'pipelined'")

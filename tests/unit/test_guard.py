@@ -143,3 +143,28 @@ def test_cache_is_bounded_and_keeps_verdicts() -> None:
 def test_fingerprint_ignores_constants(guard: Guard) -> None:
     assert guard.check("SELECT * FROM events WHERE id = 1").fingerprint == \
         guard.check("SELECT * FROM events WHERE id = 2").fingerprint
+
+
+@pytest.mark.parametrize(("sql", "params", "bound"), [
+    ("SELECT * FROM events LIMIT 10", [], 10),
+    ("SELECT * FROM events FETCH FIRST 3 ROWS ONLY", [], 3),
+    ("(SELECT 1 UNION SELECT 2) LIMIT 1", [], 1),
+    ("WITH e AS (SELECT * FROM events) SELECT * FROM e ORDER BY 1 LIMIT 0", [], 0),
+    ("SELECT * FROM events WHERE event_type = $1 LIMIT $2", ["a", 25], 25),
+    ("SELECT * FROM events LIMIT $1::int", [7], 7),
+    # no bound the gateway can rely on
+    ("SELECT * FROM events", [], None),
+    ("SELECT * FROM events LIMIT ALL", [], None),
+    ("SELECT * FROM events LIMIT 2 + 3", [], None),
+    ("SELECT * FROM events LIMIT 99999999999", [], None),  # parsed as a float
+    ("SELECT * FROM events ORDER BY 1 FETCH FIRST 3 ROWS WITH TIES", [], None),  # ties can add rows
+    ("SELECT * FROM events LIMIT $1", ["10"], None),
+    ("SELECT * FROM events LIMIT $1", [True], None),
+    ("SELECT * FROM events LIMIT $1", [-1], None),
+    ("SELECT * FROM events LIMIT $2", [1], None),  # a parameter that was not sent
+    ("SELECT * FROM (SELECT * FROM events LIMIT 1) e", [], None),  # only the top level counts
+    ("INSERT INTO events (event_type) SELECT 'x' LIMIT 1 RETURNING id", [], None),
+])
+def test_the_verdict_knows_the_most_rows_a_statement_returns(guard: Guard, sql: str, params: list[object],
+                                                              bound: int | None) -> None:
+    assert guard.check(sql).row_bound(params) == bound
