@@ -331,8 +331,9 @@ def report(r: dict[str, Any], total_s: float) -> str:
         "ANALYZE, VACUUM and a CHECKPOINT. The transaction everywhere: "
         "`BEGIN; SET LOCAL app.tenant_id`, the `event_type = $1 ORDER BY created_at DESC LIMIT 10` "
         "query, `COMMIT`; random tenant and event type each time. Round trips: pgbench 3 (`BEGIN \\; SET LOCAL`, "
-        "the query, `COMMIT`), bare 4 (asyncpg adds Parse/Describe), gateway 3 (docs/tuning.md, \"Round trips "
-        "per request\"; plus its `SET LOCAL statement_timeout` and pool wall).",
+        "the query, `COMMIT`), bare 4 (asyncpg adds Parse/Describe), gateway 2 (Parse/Describe, then the "
+        "query with the pool wall and `COMMIT` before its Sync: docs/tuning.md, \"Round trips per request\"; plus "
+        "its `SET LOCAL statement_timeout`).",
         f"- One PgBouncer (transaction mode, pool 20); gateway and bare server pools of 20, each server in its own "
         f"process, all up for the whole run. {CLIENTS} clients everywhere. Gateway: guard, metrics and per-tenant "
         f"limits on (rate {LIMITS['rate_per_s']:,}/s, max_concurrency {LIMITS['max_concurrency']}: never refusing), "
