@@ -104,22 +104,32 @@ _SYNC = b"S\0\0\0\4"
 
 class _SplicingTransport:
     """The transport asyncpg's protocol writes through.  It passes every write on, except
-    that messages armed in ``before_sync`` go in front of the Sync that ends the next
-    write (asyncpg writes Bind+Execute+Sync as one), in the same send."""
+    that messages armed in ``front`` go in front of the next write, and messages armed
+    in ``before_sync`` go in front of the Sync that ends the next write ending in one
+    (asyncpg writes Bind+Execute+Sync as one): in the same send, each used once."""
 
-    __slots__ = ("_transport", "before_sync")
+    __slots__ = ("_transport", "before_sync", "front")
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
+        self.front: bytes | None = None
         self.before_sync: bytes | None = None
 
     def write(self, data: Any) -> None:
-        tail = self.before_sync
+        front, tail = self.front, self.before_sync
+        if front is None and tail is None:
+            self._transport.write(data)
+            return
+        parts = []
+        if front is not None:
+            self.front = None
+            parts.append(front)
         if tail is not None and data[-5:] == _SYNC:
             self.before_sync = None
-            self._transport.writelines((data[:-5], tail, _SYNC))
+            parts += (data[:-5], tail, _SYNC)
         else:
-            self._transport.write(data)
+            parts.append(data)
+        self._transport.writelines(parts)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
@@ -383,22 +393,29 @@ class Database:
             self.waiting -= 1
             trace.wait_s = time.perf_counter() - started
         started = time.perf_counter()
+        writer: _SplicingTransport | None = conn.gateway_writer
         try:
-            return await self._run(conn, tx, sql, client_timeout)
+            return await self._run(conn, writer, tx, sql, client_timeout)
         finally:
             done = time.perf_counter()
             trace.db_s = done - started
             self.recent.append((time.monotonic(), trace.wait_s or 0.0, trace.db_s))
+            if writer is not None:
+                writer.front = None  # a prefix that never went out (the request failed first)
             await _release(self.pool, conn, self.cfg.acquire_timeout_ms / 1000)
 
-    async def _run(self, conn: asyncpg.Connection, tx: TxRequest, sql: _TxSql, client_timeout: float) -> Outcome:
+    async def _run(self, conn: asyncpg.Connection, writer: _SplicingTransport | None, tx: TxRequest, sql: _TxSql,
+                   client_timeout: float) -> Outcome:
         try:
             if tx.claim is None and not tx.statements:
                 await conn.execute(sql.prefix, timeout=client_timeout)
             else:
                 # The first thing below is always a Parse+Describe (asyncpg's prepare); the
-                # prefix travels in front of it in the same round trip.
-                conn._transport.write(sql.prefix_messages)
+                # prefix travels in front of it in the same round trip (and send).
+                if writer is None:
+                    conn._transport.write(sql.prefix_messages)
+                else:
+                    writer.front = sql.prefix_messages
                 conn.set_gateway_tx_open(True)
             if tx.claim is not None:
                 replay = await _claim(conn, tx.tenant_id, tx.claim, client_timeout)

@@ -153,6 +153,22 @@ async def test_serve_refuses_a_role_that_bypasses_rls(stack: Stack, bypass_role:
     assert KEY_A not in proc.stderr
 
 
+class _CountingTransport:
+    def __init__(self, transport: Any) -> None:
+        self.transport, self.sends = transport, 0
+
+    def write(self, data: Any) -> None:
+        self.sends += 1
+        self.transport.write(data)
+
+    def writelines(self, data: Any) -> None:
+        self.sends += 1
+        self.transport.writelines(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
 def _queries_sent(pool: asyncpg.Pool) -> int:
     """asyncpg's count of Bind+Execute and simple-query round trips on the pool's one connection."""
     holder = next(h for h in pool._holders if h._con is not None)
@@ -170,6 +186,8 @@ async def test_the_commit_travels_with_a_last_statement_that_returns_rows(gatewa
         assert pool is not None
         assert (await api.query("SELECT 1 AS one")).status == 200  # the one connection exists
         others = (await api.query("SELECT count(*) AS n FROM events")).body["rows"][0]["n"]
+        writer = next(h for h in pool._holders if h._con is not None)._con.gateway_writer
+        counting = writer._transport = _CountingTransport(writer._transport)  # the sends to PgBouncer
         assert pool.get_size() == 1
 
         before = _queries_sent(pool)
@@ -193,9 +211,11 @@ async def test_the_commit_travels_with_a_last_statement_that_returns_rows(gatewa
                                   ("SELECT id FROM events ORDER BY id LIMIT $1", [5], 1),
                                   ("SELECT id FROM events ORDER BY id LIMIT 5000", [], 2),
                                   ("SELECT id FROM events ORDER BY id", [], 2)]:
-            before = _queries_sent(pool)
+            before, sends = _queries_sent(pool), counting.sends
             r = await api.query(sql, *params)
             assert r.status == 200 and _queries_sent(pool) - before == sent, (sql, r.body)
+            # the prefix goes in the same send as the Parse+Describe: one send per round trip
+            assert counting.sends - sends == sent + 1
             total = others + 3  # and the three rows inserted above
             assert len(r.body["rows"]) == r.body["row_count"] == (total if sent == 2 else min(total, 5))
 
