@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -110,7 +111,7 @@ class _SplicingTransport:
 
     __slots__ = ("_transport", "before_sync", "front")
 
-    def __init__(self, transport: asyncio.Transport) -> None:
+    def __init__(self, transport: Any) -> None:
         self._transport = transport
         self.front: bytes | None = None
         self.before_sync: bytes | None = None
@@ -143,8 +144,7 @@ class _Adopt(asyncio.Protocol):
         self.protocol = protocol
         self.writer: _SplicingTransport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+    def connection_made(self, transport: Any) -> None:  # uvloop's transports are no asyncio.Transport
         self.writer = _SplicingTransport(transport)
         transport.set_protocol(self.protocol)
         self.protocol.connection_made(self.writer)
@@ -277,10 +277,10 @@ def _quote_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-# In the message of the error the pool wall raises: no statement the guard lets through
-# produces it by accident, and a caller who produces it on purpose only gets its own
-# request refused.
-WALL_MARK = "pg-tenant-proxy: the tenant setting changed"
+# In the message of the error the pool wall raises: no statement produces it by accident
+# (the random part differs per process), and a caller who produces it on purpose only
+# gets their own request refused.
+WALL_MARK = "pg-tenant-proxy: the tenant setting changed " + os.urandom(6).hex()
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,9 +422,14 @@ class Database:
                 if replay is not None:
                     await _rollback(conn)
                     return Outcome(results=[], replay=replay)
-            # Without an idempotency record to store or a row count to check first, the
-            # wall and COMMIT can go with the last statement (when it returns rows).
-            tail = sql.commit_messages if tx.claim is None and not tx.strict_rows else None
+            # The wall and COMMIT can go with the last statement (when it returns rows) if
+            # nothing must be done between the two (store an idempotency record, check a
+            # row count) and the transaction writes nothing: once they are sent, a failure
+            # on the gateway's side (a connection lost, a value it cannot decode, its own
+            # timeout) leaves unknown whether the COMMIT ran, which must not matter.
+            pipelined_commit = (tx.claim is None and not tx.strict_rows
+                                and (tx.read_only or all(st.writes_nothing for st in tx.statements)))
+            tail = sql.commit_messages if pipelined_commit else None
             last = len(tx.statements) - 1
             results = [await run_statement(conn, st, client_timeout, tx.max_rows, tx.sink,
                                            commit=tail if i == last else None)
@@ -464,12 +469,9 @@ class Database:
             raise ApiError(STATEMENT_TIMEOUT, "statement cancelled: it ran past its time limit") from None
         except asyncpg.UnsupportedClientFeatureError:
             # Raised while decoding a result: the connection's protocol state is unknown.
-            # The COMMIT may have travelled with the statement (no transaction left open).
-            committed = not conn.is_in_transaction()
             _terminate(conn)
             raise ApiError(SQL_ERROR_DATA, "the result holds a value of a type the gateway cannot return; "
-                           "select its fields instead" + ("; the transaction was committed" if committed else "")
-                           ) from None
+                           "select its fields instead") from None
         except _CONNECTION_ERRORS as exc:
             _terminate(conn)
             raise _unavailable(exc) from None

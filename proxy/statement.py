@@ -27,6 +27,7 @@ class Statement:
     # How params become driver values for the types PostgreSQL inferred (default: JSON, encode.py).
     convert: Callable[[Sequence[Any], Sequence[tuple[str, str, str | None]]], list[Any]] | None = None
     row_bound: int | None = None  # the most rows it can return (its LIMIT), when known (guard.py)
+    writes_nothing: bool = False  # a SELECT of functions known not to write (guard.py)
 
 
 @dataclass(slots=True)
@@ -99,7 +100,9 @@ async def run_statement(conn: asyncpg.Connection, st: Statement, timeout: float,
     statement that returns rows and does not stream, they go in front of its Sync, so the
     transaction ends in the same round trip (``Result.committed``); an error in them
     raises as the statement's.  Its own command tag is lost to the COMMIT's then, but a
-    statement that returns rows is counted by its rows.  Otherwise they are not sent."""
+    statement that returns rows is counted by its rows.  Otherwise they are not sent.
+    db.py passes them only for transactions that write nothing (a failure after they were
+    sent leaves the outcome unknown, which must not matter)."""
     state = await _prepare(conn, st.sql, timeout)
     params = (st.convert or convert_params)(st.params, [_describe(t) for t in state._get_parameters()])
     attributes = state._get_attributes()
@@ -125,8 +128,11 @@ async def run_statement(conn: asyncpg.Connection, st: Statement, timeout: float,
         try:
             rows, status, done = await protocol.bind_execute(state, params, portal, first, True, timeout)
         finally:
-            committed = writer.before_sync is None
+            sent = writer.before_sync is None
             writer.before_sync = None
+        # The last CommandComplete is the COMMIT's (anything else: db.py finds the transaction
+        # ended without its COMMIT, and refuses the result).
+        committed = sent and status == b"COMMIT"
     if streaming and sink is not None and len(rows) > sink.threshold:
         return await _streamed(protocol, state, portal, rows, st, columns, oids, timeout, max_rows, sink)
     truncated = len(rows) > max_rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -36,9 +37,10 @@ async def test_pool_wall_closes_a_connection_whose_tenant_changed(gateway_with: 
         async with gateway_with(guard={"allow_functions": ["set_config"]},
                                 database={"pool_min_size": 1, "pool_max_size": 1}) as api:
             before = await api.query("SELECT pg_backend_pid() AS pid")
-            r = await api.query("SELECT set_config('app.tenant_id', $1, true) AS t", TENANT_B)
-            assert r.status == 400 and r.code == "statement_rejected"
-            assert "changed the tenant setting" in r.body["error"]["message"]
+            for read_only in (False, True):  # True: the wall and COMMIT travel with the statement
+                r = await api.query("SELECT set_config('app.tenant_id', $1, true) AS t", TENANT_B, read_only=read_only)
+                assert r.status == 400 and r.code == "statement_rejected"
+                assert "changed the tenant setting" in r.body["error"]["message"]
             # the write in the same transaction never committed
             r = await api.transaction([
                 {"sql": "INSERT INTO events (event_type, data) VALUES ('wall', '{}')"},
@@ -177,9 +179,10 @@ def _queries_sent(pool: asyncpg.Pool) -> int:
 
 async def test_the_commit_travels_with_a_last_statement_that_returns_rows(gateway_with: Any,
                                                                         admin_db: asyncpg.Connection) -> None:
-    """Wall + COMMIT go in front of the Sync of a last statement that returns rows: one
-    round trip instead of two after the Parse+Describe.  It still commits, counts its
-    rows, truncates at max_rows; other statements end with a COMMIT of their own."""
+    """Wall + COMMIT go in front of the Sync of a last statement that returns rows, in a
+    transaction that writes nothing: one round trip instead of two after the
+    Parse+Describe.  Writes, and statements that return no rows, end with a COMMIT of
+    their own (after which the gateway knows whether it ran)."""
     async with gateway_with(database={"pool_min_size": 1, "pool_max_size": 1},
                             defaults={"max_rows": 10000}, server={"stream_threshold_rows": 1000}) as api:
         pool = api.running.gateway.database.pool
@@ -193,7 +196,7 @@ async def test_the_commit_travels_with_a_last_statement_that_returns_rows(gatewa
         before = _queries_sent(pool)
         r = await api.query("INSERT INTO events (event_type, data) SELECT 'pipelined', '{}' FROM generate_series(1, 3) "
                             "RETURNING event_type", max_rows=2)
-        assert _queries_sent(pool) - before == 1
+        assert _queries_sent(pool) - before == 2
         assert r.status == 200, r.body
         assert r.body["command"] == "INSERT" and r.body["row_count"] == 2 and r.body["truncated"] is True
         assert r.body["rows"] == [{"event_type": "pipelined"}] * 2
@@ -208,19 +211,27 @@ async def test_the_commit_travels_with_a_last_statement_that_returns_rows(gatewa
         # Past the stream threshold (the default max_rows is), a result may stream, from a
         # portal the COMMIT would close; a LIMIT within the threshold rules that out.
         for sql, params, sent in [("SELECT id FROM events ORDER BY id LIMIT 5", [], 1),
-                                  ("SELECT id FROM events ORDER BY id LIMIT $1", [5], 1),
+                                  ("SELECT id FROM events ORDER BY lower(event_type), id LIMIT $1", [5], 1),
                                   ("SELECT id FROM events ORDER BY id LIMIT 5000", [], 2),
-                                  ("SELECT id FROM events ORDER BY id", [], 2)]:
+                                  ("SELECT id FROM events ORDER BY id", [], 2),
+                                  # a function not known to write nothing
+                                  ("SELECT id FROM events ORDER BY pg_backend_pid(), id LIMIT 5", [], 2)]:
             before, sends = _queries_sent(pool), counting.sends
             r = await api.query(sql, *params)
             assert r.status == 200 and _queries_sent(pool) - before == sent, (sql, r.body)
             # the prefix goes in the same send as the Parse+Describe: one send per round trip
             assert counting.sends - sends == sent + 1
             total = others + 3  # and the three rows inserted above
-            assert len(r.body["rows"]) == r.body["row_count"] == (total if sent == 2 else min(total, 5))
+            limited = "LIMIT 5 " in sql + " " or params == [5]
+            assert len(r.body["rows"]) == r.body["row_count"] == (min(total, 5) if limited else total)
+
+        # In a READ ONLY transaction nothing can write, whatever the statement calls.
+        before = _queries_sent(pool)
+        r = await api.query("SELECT pg_backend_pid() AS pid LIMIT 1", read_only=True)
+        assert r.status == 200 and _queries_sent(pool) - before == 1
 
         # An error in the statement: the wall and COMMIT after it never run, nothing stays open.
-        r = await api.query("SELECT 1 / (count(*) - 3) AS x FROM events WHERE event_type = 'pipelined'")
+        r = await api.query("SELECT 1 / (count(*) - 3) AS x FROM events WHERE event_type = 'pipelined'", read_only=True)
         assert r.status == 422 and r.body["error"]["sqlstate"] == "22012"
         r = await api.query("SELECT current_setting('app.tenant_id') AS t")
         assert r.status == 200 and r.body["rows"] == [{"t": TENANT_A}]
@@ -258,8 +269,8 @@ async def _database(stack: Stack, dsn: str) -> Database:
 
 def _tx(sql: str, **options: Any) -> TxRequest:
     command = sql.split(" ", 1)[0]
-    return TxRequest(tenant_id=TENANT_A, statements=[Statement(sql, [], command)], read_only=False, isolation=None,
-                     timeout_ms=5000, **{"max_rows": 10, **options})
+    return TxRequest(tenant_id=TENANT_A, statements=[Statement(sql, [], command)],
+                     **{"read_only": False, "isolation": None, "timeout_ms": 5000, "max_rows": 10, **options})
 
 
 async def test_a_strict_row_cap_is_checked_before_the_commit(stack: Stack, admin_db: asyncpg.Connection) -> None:
@@ -300,8 +311,27 @@ async def test_every_way_of_connecting_carries_the_commit(stack: Stack, how: str
         async with db.pool.acquire() as conn:
             assert conn.gateway_writer is not None
             assert isinstance(conn._transport.get_extra_info("peername"), str) == (how == "unix socket")
-        outcome = await db.run_in_tenant_tx(_tx("SELECT current_setting('app.tenant_id') AS t"),
+        outcome = await db.run_in_tenant_tx(_tx("SELECT current_setting('app.tenant_id') AS t", read_only=True),
                                             RequestTrace(endpoint="test"))
         assert outcome.results[0].committed and [tuple(r) for r in outcome.results[0].rows] == [(TENANT_A,)]
     finally:
         await db.close()
+
+
+def test_connections_made_under_uvloop_carry_the_commit(stack: Stack) -> None:
+    """The gateway runs on uvloop, whose transports the loop hands to ``_Adopt`` (no SSL
+    negotiation) are not ``asyncio.Transport`` subclasses."""
+    import uvloop
+
+    async def run(dsn: str) -> list[Any]:
+        db = await _database(stack, dsn)
+        try:
+            tx = _tx("SELECT current_setting('app.tenant_id') AS t", read_only=True)
+            outcome = await asyncio.wait_for(db.run_in_tenant_tx(tx, RequestTrace(endpoint="test")), 10)
+            assert outcome.results[0].committed
+            return [tuple(r) for r in outcome.results[0].rows]
+        finally:
+            await db.close()
+
+    assert uvloop.run(run(stack.gateway_dsn + "?sslmode=disable")) == [(TENANT_A,)]
+    assert uvloop.run(run(stack.gateway_dsn)) == [(TENANT_A,)]

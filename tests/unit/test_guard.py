@@ -162,9 +162,30 @@ def test_fingerprint_ignores_constants(guard: Guard) -> None:
     ("SELECT * FROM events LIMIT $1", [True], None),
     ("SELECT * FROM events LIMIT $1", [-1], None),
     ("SELECT * FROM events LIMIT $2", [1], None),  # a parameter that was not sent
+    ("SELECT * FROM events LIMIT 5::numeric(1,-1)", [], None),  # rounds up to 10
+    ("SELECT * FROM events LIMIT $1::numeric(1,-1)", [5], None),
+    ("SELECT * FROM events LIMIT 5::bigint", [], 5),
     ("SELECT * FROM (SELECT * FROM events LIMIT 1) e", [], None),  # only the top level counts
     ("INSERT INTO events (event_type) SELECT 'x' LIMIT 1 RETURNING id", [], None),
 ])
 def test_the_verdict_knows_the_most_rows_a_statement_returns(guard: Guard, sql: str, params: list[object],
                                                               bound: int | None) -> None:
     assert guard.check(sql).row_bound(params) == bound
+
+
+@pytest.mark.parametrize(("sql", "writes_nothing"), [
+    ("SELECT id FROM events WHERE event_type = $1 ORDER BY created_at DESC LIMIT 10", True),
+    ("SELECT count(*), lower(event_type), pg_catalog.max(created_at) FROM events GROUP BY 2", True),
+    ("SELECT jsonb_build_object('n', count(*)) FROM events WHERE created_at > now() - interval '1 day'", True),
+    ("SELECT * FROM events e JOIN LATERAL jsonb_each(e.data) j ON true FOR UPDATE OF e", True),
+    # may write, or cannot be told
+    ("SELECT nextval('events_seq')", False),
+    ("SELECT public.lower('x')", False),  # not the built-in
+    ("SELECT refresh_rollups()", False),  # the owner's function
+    ("WITH gone AS (DELETE FROM events RETURNING id) SELECT count(*) FROM gone", False),
+    ("INSERT INTO events (event_type) VALUES ('x') RETURNING id", False),
+    ("UPDATE events SET data = '{}' RETURNING id", False),
+    ("EXPLAIN SELECT 1", False),
+])
+def test_the_verdict_knows_a_select_that_writes_nothing(guard: Guard, sql: str, writes_nothing: bool) -> None:
+    assert guard.check(sql).writes_nothing is writes_nothing
