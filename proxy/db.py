@@ -393,9 +393,12 @@ class Database:
             self.waiting -= 1
             trace.wait_s = time.perf_counter() - started
         started = time.perf_counter()
-        writer: _SplicingTransport | None = conn.gateway_writer
+        # The request works on the connection itself: each call through the pool's proxy
+        # costs a check and an indirection.  Only the release goes through the proxy.
+        raw: GatewayConnection = conn._con
+        writer = raw.gateway_writer
         try:
-            return await self._run(conn, writer, tx, sql, client_timeout)
+            return await self._run(raw, writer, tx, sql, client_timeout)
         finally:
             done = time.perf_counter()
             trace.db_s = done - started

@@ -33,7 +33,7 @@ from .errors import (
 )
 from .keys import GATEWAY, REQUEST_ID, TRACE
 from .routing import Router
-from .statement import Result, Statement
+from .statement import Result, Statement, may_stream
 from .streaming import JsonRowStream
 from .tenancy import Tenant, resolve
 from .trace import RequestTrace
@@ -250,7 +250,9 @@ async def execute(request: web.Request,
         gw.idempotent_tenants[tenant.id] = time.monotonic()
     server = rt.settings.server
     # A single statement without an idempotency key may stream a large result.
-    stream = None if not plan.stream or claim is not None else JsonRowStream(
+    streams = (plan.stream and claim is None and len(statements) == 1
+               and may_stream(statements[0], opts.max_rows, server.stream_threshold_rows))
+    stream = None if not streams else JsonRowStream(
         request, opts.row_format, tenant.limits.max_response_bytes, server.stream_threshold_rows,
         server.stream_batch_rows)
     tx = TxRequest(tenant_id=tenant.id, statements=statements, read_only=opts.read_only, isolation=opts.isolation,

@@ -76,6 +76,12 @@ def pipelined(statements: Sequence[str]) -> bytes:
     return bytes(out)
 
 
+def may_stream(st: Statement, max_rows: int, threshold: int) -> bool:
+    """Whether the statement's result may be larger than ``threshold`` rows: not when
+    ``max_rows`` or its own LIMIT keeps it within."""
+    return max_rows > threshold and (st.row_bound is None or st.row_bound > threshold)
+
+
 async def _prepare(conn: asyncpg.Connection, sql: str, timeout: float) -> Any:
     """Parse+Describe ``sql`` as the unnamed statement; asyncpg's statement state for it.
 
@@ -109,9 +115,8 @@ async def run_statement(conn: asyncpg.Connection, st: Statement, timeout: float,
     columns = [(a.name, type_label(*_describe(a.type))) for a in attributes]
     oids = [a.type.oid for a in attributes]
     # A result that may be larger than the sink's threshold is read through a named portal
-    # that can be read on; one whose LIMIT keeps it within the threshold is not.
-    streaming = (sink is not None and bool(columns) and max_rows > sink.threshold
-                 and (st.row_bound is None or st.row_bound > sink.threshold))
+    # that can be read on.
+    streaming = sink is not None and bool(columns) and may_stream(st, max_rows, sink.threshold)
     # One Bind+Execute round trip with a row limit (one more than wanted, to detect
     # truncation) keeps a large result on the server.  When the result may stream, the
     # portal is named so that it can be read on in batches.  asyncpg offers this only
