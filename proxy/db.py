@@ -431,7 +431,7 @@ class Database:
             # on the gateway's side (a connection lost, a value it cannot decode, its own
             # timeout) leaves unknown whether the COMMIT ran, which must not matter.
             pipelined_commit = (tx.claim is None and not tx.strict_rows
-                                and (tx.read_only or all(st.writes_nothing for st in tx.statements)))
+                                and tx.read_only)  # a SELECT may write too (owner functions, views): review
             tail = sql.commit_messages if pipelined_commit else None
             last = len(tx.statements) - 1
             results = [await run_statement(conn, st, client_timeout, tx.max_rows, tx.sink,
