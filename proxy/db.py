@@ -10,8 +10,9 @@ Per request, through PgBouncer in transaction mode::
     the pool wall: the tenant setting is still the one set, or the transaction aborts
     COMMIT                -- or ROLLBACK on any error
 
-When the last statement returns rows, the wall and the COMMIT travel as extended-protocol
-messages in front of its Sync (``GatewayConnection.gateway_writer``): one round trip less.
+When the last statement returns rows in a READ ONLY transaction, the wall and the COMMIT
+travel as extended-protocol messages in front of its Sync (``GatewayConnection.gateway_writer``,
+wire.py): one round trip less.
 
 A connection whose state is not what the gateway expects is terminated, never reused.
 """
@@ -47,6 +48,7 @@ from .errors import (
 )
 from .statement import Result, RowSink, Statement, pipelined, run_statement
 from .trace import RequestTrace
+from .wire import ConnectVia, SplicingTransport, connect
 
 log = logging.getLogger("tenant_proxy.db")
 
@@ -100,125 +102,20 @@ class Outcome:
     replay: idempotency.Replay | None = None  # the stored answer to an earlier identical request
 
 
-_SYNC = b"S\0\0\0\4"
-
-
-class _SplicingTransport:
-    """The transport asyncpg's protocol writes through.  It passes every write on, except
-    that messages armed in ``front`` go in front of the next write, and messages armed
-    in ``before_sync`` go in front of the Sync that ends the next write ending in one
-    (asyncpg writes Bind+Execute+Sync as one): in the same send, each used once."""
-
-    __slots__ = ("_transport", "before_sync", "front")
-
-    def __init__(self, transport: Any) -> None:
-        self._transport = transport
-        self.front: bytes | None = None
-        self.before_sync: bytes | None = None
-
-    def write(self, data: Any) -> None:
-        front, tail = self.front, self.before_sync
-        if front is None and tail is None:
-            self._transport.write(data)
-            return
-        parts = []
-        if front is not None:
-            self.front = None
-            parts.append(front)
-        if tail is not None and data[-5:] == _SYNC:
-            self.before_sync = None
-            parts += (data[:-5], tail, _SYNC)
-        else:
-            parts.append(data)
-        self._transport.writelines(parts)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
-class _Adopt(asyncio.Protocol):
-    """Hands the new transport to asyncpg's protocol through a ``_SplicingTransport``
-    (asyncpg's own TLS upgrade path does the same with ``set_protocol``)."""
-
-    def __init__(self, protocol: Any) -> None:
-        self.protocol = protocol
-        self.writer: _SplicingTransport | None = None
-
-    def connection_made(self, transport: Any) -> None:  # uvloop's transports are no asyncio.Transport
-        self.writer = _SplicingTransport(transport)
-        transport.set_protocol(self.protocol)
-        self.protocol.connection_made(self.writer)
-
-
-class _ConnectVia:
-    """The event loop as ``asyncpg.connect`` sees it (``_connect``): the loop itself, but
-    asyncpg's protocol gets the connection's transport wrapped in a ``_SplicingTransport``,
-    left in ``writer``.  Either the loop hands it over (``_Adopt``), or asyncpg does, after
-    its SSL negotiation (``sslmode`` prefer and up), with what ``create_connection`` or
-    ``start_tls`` returned.  asyncpg's protocol keeps this object as its loop (for its
-    timers); the connection gets the real one (``GatewayConnection``)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.real_loop = loop
-        self.writer: _SplicingTransport | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self.real_loop, name)
-        setattr(self, name, value)  # looked up once
-        return value
-
-    async def create_connection(self, factory: Callable[[], Any], *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-        return await self._open(self.real_loop.create_connection, factory, *args, **kwargs)
-
-    async def create_unix_connection(self, factory: Callable[[], Any], *args: Any,
-                                     **kwargs: Any) -> tuple[Any, Any]:
-        return await self._open(self.real_loop.create_unix_connection, factory, *args, **kwargs)
-
-    async def start_tls(self, transport: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(transport, _SplicingTransport):
-            transport = transport._transport
-        upgraded = await self.real_loop.start_tls(transport, *args, **kwargs)
-        self.writer = None if upgraded is None else _SplicingTransport(upgraded)
-        return self.writer
-
-    async def _open(self, open_connection: Callable[..., Any], factory: Callable[[], Any], *args: Any,
-                    **kwargs: Any) -> tuple[Any, Any]:
-        adopted: list[_Adopt] = []
-
-        def make() -> Any:
-            protocol = factory()
-            if isinstance(protocol, asyncpg.protocol.Protocol):
-                adopted.append(_Adopt(protocol))
-                return adopted[-1]
-            return protocol
-
-        transport, protocol = await open_connection(make, *args, **kwargs)
-        if adopted:
-            self.writer = adopted[0].writer
-            return transport, adopted[0].protocol
-        self.writer = _SplicingTransport(transport)  # asyncpg's SSL negotiation hands it over
-        return self.writer, protocol
-
-
-async def _connect(*args: Any, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> asyncpg.Connection:
-    """The pool's ``connect``: asyncpg's, through ``_ConnectVia``."""
-    return await asyncpg.connect(*args, loop=_ConnectVia(loop), **kwargs)
-
-
 class GatewayConnection(asyncpg.Connection):  # type: ignore[misc]
     """asyncpg's type introspection (first use of an enum or other non-builtin type)
     toggles JIT with ``set_config('jit', ..., false)``: a session-level change through
     a pooled backend, and a call the hardened role may not make.  The role runs with
     ``jit = off`` (deploy/sql), so the toggle is skipped.
 
-    ``gateway_writer``: the connection's ``_SplicingTransport`` when made by ``_connect``."""
+    ``gateway_writer``: the connection's ``SplicingTransport`` when made by wire.connect."""
 
     def __init__(self, protocol: Any, transport: Any, loop: Any, *args: Any, **kwargs: Any) -> None:
-        self.gateway_writer: _SplicingTransport | None = None
-        if isinstance(loop, _ConnectVia):
+        self.gateway_writer: SplicingTransport | None = None
+        if isinstance(loop, ConnectVia):
             self.gateway_writer = loop.writer
             loop = loop.real_loop
-        if isinstance(transport, _SplicingTransport):
+        if isinstance(transport, SplicingTransport):
             transport = transport._transport  # the gateway's own writes need no splicing
         super().__init__(protocol, transport, loop, *args, **kwargs)
         self._server_caps = self._server_caps._replace(jit=False)  # type: ignore[has-type]
@@ -344,7 +241,7 @@ class Database:
         kwargs: dict[str, Any] = dict(
             dsn=self.cfg.dsn, max_size=self.cfg.pool_max_size, statement_cache_size=0,
             timeout=self.cfg.connect_timeout_ms / 1000, init=_init_connection, reset=_no_reset,
-            connection_class=GatewayConnection, connect=_connect,
+            connection_class=GatewayConnection, connect=connect,
             max_inactive_connection_lifetime=300.0,
         )
         try:
@@ -407,7 +304,7 @@ class Database:
                 writer.front = None  # a prefix that never went out (the request failed first)
             await _release(self.pool, conn, self.cfg.acquire_timeout_ms / 1000)
 
-    async def _run(self, conn: asyncpg.Connection, writer: _SplicingTransport | None, tx: TxRequest, sql: _TxSql,
+    async def _run(self, conn: asyncpg.Connection, writer: SplicingTransport | None, tx: TxRequest, sql: _TxSql,
                    client_timeout: float) -> Outcome:
         try:
             if tx.claim is None and not tx.statements:
@@ -427,12 +324,11 @@ class Database:
                     return Outcome(results=[], replay=replay)
             # The wall and COMMIT can go with the last statement (when it returns rows) if
             # nothing must be done between the two (store an idempotency record, check a
-            # row count) and the transaction writes nothing: once they are sent, a failure
-            # on the gateway's side (a connection lost, a value it cannot decode, its own
-            # timeout) leaves unknown whether the COMMIT ran, which must not matter.
-            pipelined_commit = (tx.claim is None and not tx.strict_rows
-                                and tx.read_only)  # a SELECT may write too (owner functions, views): review
-            tail = sql.commit_messages if pipelined_commit else None
+            # row count) and the transaction is READ ONLY: once they are sent, a failure on
+            # the gateway's side (a connection lost, a value it cannot decode, its own
+            # timeout) leaves unknown whether the COMMIT ran, which must not matter.  A
+            # SELECT's text cannot prove it writes nothing (owner functions, views).
+            tail = sql.commit_messages if tx.claim is None and not tx.strict_rows and tx.read_only else None
             last = len(tx.statements) - 1
             results = [await run_statement(conn, st, client_timeout, tx.max_rows, tx.sink,
                                            commit=tail if i == last else None)

@@ -63,43 +63,6 @@ DENIED_FUNCTIONS = frozenset({
     "setseed", "lastval", "currval",
 })
 DENIED_PREFIXES = ("dblink", "lo_", "pg_ls_", "pg_replication_", "pg_create_", "pg_drop_replication")
-# Built-in functions that do not write (a SELECT calling only these writes nothing, so
-# db.py may send its COMMIT before the result is read).  Functions the database owner
-# defined are not here, even when they only read; nor are nextval, setval and the like.
-READ_ONLY_FUNCTIONS = frozenset({
-    # aggregates and window functions
-    "count", "sum", "avg", "min", "max", "bool_and", "bool_or", "every", "array_agg", "string_agg", "json_agg",
-    "jsonb_agg", "json_object_agg", "jsonb_object_agg", "stddev", "stddev_pop", "stddev_samp", "variance",
-    "var_pop", "var_samp", "percentile_cont", "percentile_disc", "mode", "row_number", "rank", "dense_rank",
-    "percent_rank", "cume_dist", "ntile", "lag", "lead", "first_value", "last_value", "nth_value",
-    # date and time
-    "now", "statement_timestamp", "transaction_timestamp", "clock_timestamp", "date_trunc", "date_part",
-    "extract", "age", "to_char", "to_date", "to_timestamp", "make_date", "make_time", "make_timestamp",
-    "make_timestamptz", "make_interval", "date_bin", "timezone",
-    # text
-    "lower", "upper", "initcap", "length", "char_length", "octet_length", "substring", "substr", "trim", "btrim",
-    "ltrim", "rtrim", "replace", "concat", "concat_ws", "left", "right", "split_part", "position", "strpos",
-    "starts_with", "format", "regexp_replace", "regexp_match", "regexp_matches", "regexp_split_to_array",
-    "regexp_split_to_table", "md5", "repeat", "reverse", "lpad", "rpad", "translate", "encode", "decode",
-    # numbers
-    "abs", "round", "ceil", "ceiling", "floor", "trunc", "mod", "power", "sqrt", "exp", "ln", "log", "sign",
-    "random", "width_bucket",
-    # json
-    "to_json", "to_jsonb", "row_to_json", "json_build_object", "jsonb_build_object", "json_build_array",
-    "jsonb_build_array", "json_object", "jsonb_object", "jsonb_array_elements", "jsonb_array_elements_text",
-    "json_array_elements", "json_array_elements_text", "jsonb_each", "jsonb_each_text", "json_each",
-    "json_each_text", "jsonb_object_keys", "json_object_keys", "jsonb_extract_path", "jsonb_extract_path_text",
-    "json_extract_path", "json_extract_path_text", "jsonb_array_length", "json_array_length", "jsonb_typeof",
-    "json_typeof", "jsonb_set", "jsonb_insert", "jsonb_strip_nulls", "jsonb_pretty", "jsonb_path_query",
-    "jsonb_path_query_array", "jsonb_path_query_first", "jsonb_path_exists", "jsonb_path_match",
-    "jsonb_to_record", "jsonb_to_recordset", "jsonb_populate_record", "jsonb_populate_recordset",
-    # arrays and sets
-    "array_length", "array_lower", "array_upper", "cardinality", "unnest", "array_position", "array_positions",
-    "array_remove", "array_replace", "array_append", "array_prepend", "array_cat", "array_to_string",
-    "string_to_array", "generate_series", "generate_subscripts",
-    # other
-    "current_setting", "gen_random_uuid", "num_nulls", "num_nonnulls",
-})
 _PG_TEMP = re.compile(r"^pg_temp(_\d+)?$")
 _CATALOG_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
 
@@ -115,9 +78,6 @@ class Verdict:
     # (``row_limit``) or LIMIT $k (``limit_param`` = k, the bound comes with the parameters).
     row_limit: int | None = None
     limit_param: int | None = None
-    # A SELECT that calls only built-in functions known not to write (READ_ONLY_FUNCTIONS)
-    # and holds no data-modifying statement: committing it or not changes nothing.
-    writes_nothing: bool = False
 
     def row_bound(self, params: Sequence[Any]) -> int | None:
         """The most rows the statement returns with ``params``, when the statement says."""
@@ -145,16 +105,6 @@ def _limit(top: Any) -> tuple[int | None, int | None]:
 
 
 _INTEGER_TYPES = frozenset({"int2", "int4", "int8"})
-
-
-def _writes_nothing(node: Any) -> bool:
-    if isinstance(node, (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)):
-        return False
-    if isinstance(node, ast.FuncCall):
-        names = node.funcname
-        schema = names[0].sval if len(names) > 1 else "pg_catalog"
-        return schema == "pg_catalog" and names[-1].sval in READ_ONLY_FUNCTIONS
-    return True
 
 
 class Guard:
@@ -203,8 +153,7 @@ class Guard:
                 self._node(node, node is top)
         except _Rejected as rej:
             return Verdict("", fp, str(rej))
-        writes_nothing = isinstance(top, ast.SelectStmt) and all(_writes_nothing(node) for node in _walk(top))
-        return Verdict(command, fp, None, *_limit(top), writes_nothing=writes_nothing)
+        return Verdict(command, fp, None, *_limit(top))
 
     def _top_level(self, top: Any) -> str:
         if isinstance(top, ast.ExplainStmt):

@@ -230,8 +230,7 @@ async def execute(request: web.Request,
         trace.fingerprint = trace.fingerprint or verdict.fingerprint or None
         if verdict.rejection is not None:
             raise ApiError(STATEMENT_REJECTED, verdict.rejection)
-        statements.append(Statement(sql, params, verdict.command, plan.convert, verdict.row_bound(params),
-                                    verdict.writes_nothing))
+        statements.append(Statement(sql, params, verdict.command, plan.convert, verdict.row_bound(params)))
     trace.guard_s = time.perf_counter() - t2
     if tenant.limits.moving and not opts.read_only:
         # `tenant-proxy move` is copying this tenant to another cluster: reads go on, writes wait.

@@ -27,7 +27,6 @@ class Statement:
     # How params become driver values for the types PostgreSQL inferred (default: JSON, encode.py).
     convert: Callable[[Sequence[Any], Sequence[tuple[str, str, str | None]]], list[Any]] | None = None
     row_bound: int | None = None  # the most rows it can return (its LIMIT), when known (guard.py)
-    writes_nothing: bool = False  # a SELECT of functions known not to write (guard.py)
 
 
 @dataclass(slots=True)
@@ -107,7 +106,7 @@ async def run_statement(conn: asyncpg.Connection, st: Statement, timeout: float,
     transaction ends in the same round trip (``Result.committed``); an error in them
     raises as the statement's.  Its own command tag is lost to the COMMIT's then, but a
     statement that returns rows is counted by its rows.  Otherwise they are not sent.
-    db.py passes them only for transactions that write nothing (a failure after they were
+    db.py passes them only for READ ONLY transactions (a failure after they were
     sent leaves the outcome unknown, which must not matter)."""
     state = await _prepare(conn, st.sql, timeout)
     params = (st.convert or convert_params)(st.params, [_describe(t) for t in state._get_parameters()])

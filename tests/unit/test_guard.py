@@ -171,21 +171,3 @@ def test_fingerprint_ignores_constants(guard: Guard) -> None:
 def test_the_verdict_knows_the_most_rows_a_statement_returns(guard: Guard, sql: str, params: list[object],
                                                               bound: int | None) -> None:
     assert guard.check(sql).row_bound(params) == bound
-
-
-@pytest.mark.parametrize(("sql", "writes_nothing"), [
-    ("SELECT id FROM events WHERE event_type = $1 ORDER BY created_at DESC LIMIT 10", True),
-    ("SELECT count(*), lower(event_type), pg_catalog.max(created_at) FROM events GROUP BY 2", True),
-    ("SELECT jsonb_build_object('n', count(*)) FROM events WHERE created_at > now() - interval '1 day'", True),
-    ("SELECT * FROM events e JOIN LATERAL jsonb_each(e.data) j ON true FOR UPDATE OF e", True),
-    # may write, or cannot be told
-    ("SELECT nextval('events_seq')", False),
-    ("SELECT public.lower('x')", False),  # not the built-in
-    ("SELECT refresh_rollups()", False),  # the owner's function
-    ("WITH gone AS (DELETE FROM events RETURNING id) SELECT count(*) FROM gone", False),
-    ("INSERT INTO events (event_type) VALUES ('x') RETURNING id", False),
-    ("UPDATE events SET data = '{}' RETURNING id", False),
-    ("EXPLAIN SELECT 1", False),
-])
-def test_the_verdict_knows_a_select_that_writes_nothing(guard: Guard, sql: str, writes_nothing: bool) -> None:
-    assert guard.check(sql).writes_nothing is writes_nothing
