@@ -14,11 +14,14 @@ Back to back:
 
 1. saturation (closed loop, 15 s each after a 3 s warm-up): pgbench straight into
    PgBouncer; wrk into the bare reference server (benchmarks/bare_reference.py), into the
-   gateway with an API key, and into the gateway with per-tenant JWTs;
-2. latency at 25/50/75% of the gateway's (API key) ceiling, 10 s each, the three paths
+   gateway with an API key (the request as the issue states it, and again with
+   `"read_only": true`, as a reading client sends it), and into the gateway with
+   per-tenant JWTs;
+2. latency at 25/50/75% of the gateway's (API key) ceiling, 10 s each, the four paths
    taking turns at each rate, three rounds (the median p50 and p99 count; every round's
    p99 is written down too): pgbench -R into PgBouncer, hey into the bare server and
-   into the gateway (see loadtools.hey for why it is 32 staggered hey processes);
+   into the gateway, with and without `read_only` (see loadtools.hey for why it is 32
+   staggered hey processes);
 3. the gateway's RSS after that, and after 10,000 distinct tenants each sent a request.
 
 Targets: gateway >= 0.5x pgbench and >= 1.0x bare; p99 added over pgbench at 50% <= 2 ms;
@@ -115,8 +118,13 @@ def say(msg: str) -> None:
     print(f"[throughput {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def gateway_body(event_type: str) -> bytes:
-    return orjson.dumps({"sql": SQL, "params": [event_type]})
+def gateway_body(event_type: str, read_only: bool = False) -> bytes:
+    """The read as the issue states it (a read-write transaction), or as a reading client would send it
+    (`"read_only": true`: BEGIN READ ONLY, which lets the COMMIT travel with the query)."""
+    body: dict[str, Any] = {"sql": SQL, "params": [event_type]}
+    if read_only:
+        body["read_only"] = True
+    return orjson.dumps(body)
 
 
 def bare_body(tenant: str, event_type: str) -> bytes:
@@ -217,10 +225,14 @@ def benchmark(stack: LocalStack, work: Path) -> dict[str, Any]:
                                         [(bare_body(t, e), {}) for t, e in mix(PREBUILT, seed=1)]),
                  "gateway": write_requests(work / "gateway.requests",
                                            [(gateway_body(e), api_key_headers(t)) for t, e in mix(PREBUILT, seed=2)]),
+                 "gateway_ro": write_requests(work / "gateway_ro.requests",
+                                              [(gateway_body(e, read_only=True), api_key_headers(t))
+                                               for t, e in mix(PREBUILT, seed=4)]),
                  "jwt": write_requests(work / "jwt.requests",
                                        [(gateway_body(e), {"Authorization": f"Bearer {tokens[t]}"})
                                         for t, e in mix(PREBUILT, seed=3)])}
-        urls = {"bare": bare_url, "gateway": gw_url, "jwt": f"http://127.0.0.1:{jwt_port}/v1/query"}
+        urls = {"bare": bare_url, "gateway": gw_url, "gateway_ro": gw_url,
+                "jwt": f"http://127.0.0.1:{jwt_port}/v1/query"}
 
         # 1. saturation: a warm-up each, then ROUNDS rounds taking turns; the best round counts
         #    (interference from anything else on the machine only ever lowers a figure).
@@ -247,19 +259,20 @@ def benchmark(stack: LocalStack, work: Path) -> dict[str, Any]:
         # 2. latency at fixed rates, taking turns at each rate
         snap = cpu_snapshot(mine)
         r["rates"] = [share * r["tps"]["gateway"] for share in SHARES]
-        r["lat_pgbench"], r["lat_bare"], r["lat_gateway"] = [], [], []
+        r["lat_pgbench"], r["lat_bare"], r["lat_gateway"], r["lat_gateway_ro"] = [], [], [], []
 
         def at_rate(name: str, rate: float, tenant: str, event_type: str) -> Latency:
             if name == "pgbench":
                 return pgbench.latency(rate, CLIENTS, THREADS, LATENCY_S)
             if name == "bare":
                 return hey(bare_url, bare_body(tenant, event_type), {}, rate, work, LATENCY_S, CLIENTS)
-            return hey(gw_url, gateway_body(event_type), api_key_headers(tenant), rate, work, LATENCY_S, CLIENTS)
+            return hey(gw_url, gateway_body(event_type, read_only=name == "gateway_ro"), api_key_headers(tenant),
+                       rate, work, LATENCY_S, CLIENTS)
 
         r["lat_rounds"] = []
         for i, rate in enumerate(r["rates"]):
             tenant, event_type = TENANTS[(17 + 31 * i) % TENANT_COUNT], EVENT_TYPES[(3 + 7 * i) % len(EVENT_TYPES)]
-            runs: dict[str, list[Latency]] = {"pgbench": [], "bare": [], "gateway": []}
+            runs: dict[str, list[Latency]] = {"pgbench": [], "bare": [], "gateway": [], "gateway_ro": []}
             for _ in range(LAT_ROUNDS):
                 for name in runs:
                     result = at_rate(name, rate, tenant, event_type)
@@ -289,26 +302,33 @@ def benchmark(stack: LocalStack, work: Path) -> dict[str, Any]:
 
 def report(r: dict[str, Any], total_s: float) -> str:
     tps, rounds = r["tps"], r["rounds"]
-    pg, bare, gw = tps["pgbench"], tps["bare"], tps["gateway"]
+    pg, bare = tps["pgbench"], tps["bare"]
     rows = [("pgbench -> PgBouncer (`-M simple`)", "pgbench"), ("wrk -> bare aiohttp + asyncpg", "bare"),
-            ("wrk -> gateway, API key", "gateway"), ("wrk -> gateway, JWT (HS256)", "jwt")]
+            ("wrk -> gateway, API key", "gateway"), ("wrk -> gateway, API key, `read_only`", "gateway_ro"),
+            ("wrk -> gateway, JWT (HS256)", "jwt")]
     lines = [f"| path (32 clients, closed loop, {SATURATION_S} s) | tx/s | vs pgbench | vs bare | rounds |",
              "|---|---|---|---|---|"]
     lines += [f"| {label} | {tps[k]:.0f} | {tps[k] / pg:.2f}x | {tps[k] / bare:.2f}x | "
               f"{' / '.join(f'{v:.0f}' for v in rounds[k])} |" for label, k in rows]
     lines += ["", "| rate (share of gateway ceiling) | pgbench p50 / p99 | bare p50 / p99 | gateway p50 / p99 "
-              "| p99 gateway adds over pgbench |", "|---|---|---|---|---|"]
-    added = []
-    for share, p, b, g in zip(SHARES, r["lat_pgbench"], r["lat_bare"], r["lat_gateway"], strict=True):
-        added.append(g.p99_ms - p.p99_ms)
+              "| gateway `read_only` p50 / p99 | p99 added over pgbench: gateway / `read_only` |",
+              "|---|---|---|---|---|---|"]
+    added: dict[str, list[float]] = {"gateway": [], "gateway_ro": []}
+    for share, p, b, g, ro in zip(SHARES, r["lat_pgbench"], r["lat_bare"], r["lat_gateway"], r["lat_gateway_ro"],
+                                  strict=True):
+        added["gateway"].append(g.p99_ms - p.p99_ms)
+        added["gateway_ro"].append(ro.p99_ms - p.p99_ms)
         lines.append(f"| {g.rate:.0f}/s ({share:.0%}) | {p.p50_ms:.2f} / {p.p99_ms:.2f} ms "
                      f"| {b.p50_ms:.2f} / {b.p99_ms:.2f} ms | {g.p50_ms:.2f} / {g.p99_ms:.2f} ms "
-                     f"| {added[-1]:+.2f} ms |")
-    targets = [("gateway (API key) / pgbench >= 0.5", gw / pg >= 0.5, f"{gw / pg:.2f}"),
-               ("gateway (API key) >= 1.0x bare", gw / bare >= 1.0, f"{gw / bare:.2f}x"),
-               ("p99 added over pgbench at 50% <= 2 ms", added[1] <= 2.0, f"{added[1]:+.2f} ms"),
-               (f"RSS <= 150 MB with {DISTINCT_TENANTS:,} tenants seen", r["rss_10k"] <= 150,
-                f"{r['rss_10k']:.0f} MiB")]
+                     f"| {ro.p50_ms:.2f} / {ro.p99_ms:.2f} ms "
+                     f"| {added['gateway'][-1]:+.2f} / {added['gateway_ro'][-1]:+.2f} ms |")
+    targets = []
+    for k, label in (("gateway", "gateway (API key)"), ("gateway_ro", "gateway (API key, `read_only`)")):
+        targets += [(f"{label} / pgbench >= 0.5", tps[k] / pg >= 0.5, f"{tps[k] / pg:.2f}"),
+                    (f"{label} >= 1.0x bare", tps[k] / bare >= 1.0, f"{tps[k] / bare:.2f}x"),
+                    (f"{label}: p99 added over pgbench at 50% <= 2 ms", added[k][1] <= 2.0, f"{added[k][1]:+.2f} ms")]
+    targets.append((f"RSS <= 150 MB with {DISTINCT_TENANTS:,} tenants seen", r["rss_10k"] <= 150,
+                    f"{r['rss_10k']:.0f} MiB"))
     lines += ["", "| target | measured | result |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {'PASS' if ok else 'FAIL'} |" for name, ok, value in targets]
     errors = {k: v for k, v in r["errors"].items() if v}
@@ -317,8 +337,9 @@ def report(r: dict[str, Any], total_s: float) -> str:
     if any("499" in v for v in errors.values()):
         error_text += (" (499: the client hung up before the answer; wrk closes its 32 connections with requests "
                        "in flight at the end of each run.)")
-    achieved = ", ".join(f"{p.achieved:.0f}/{b.achieved:.0f}/{g.achieved:.0f}"
-                         for p, b, g in zip(r["lat_pgbench"], r["lat_bare"], r["lat_gateway"], strict=True))
+    achieved = ", ".join(f"{p.achieved:.0f}/{b.achieved:.0f}/{g.achieved:.0f}/{ro.achieved:.0f}"
+                         for p, b, g, ro in zip(r["lat_pgbench"], r["lat_bare"], r["lat_gateway"],
+                                                r["lat_gateway_ro"], strict=True))
     (sat_other, sat_steal), (lat_other, lat_steal) = r["machine_saturation"], r["machine_latency"]
     lines += [
         "",
@@ -331,9 +352,10 @@ def report(r: dict[str, Any], total_s: float) -> str:
         "ANALYZE, VACUUM and a CHECKPOINT. The transaction everywhere: "
         "`BEGIN; SET LOCAL app.tenant_id`, the `event_type = $1 ORDER BY created_at DESC LIMIT 10` "
         "query, `COMMIT`; random tenant and event type each time. Round trips: pgbench 3 (`BEGIN \\; SET LOCAL`, "
-        "the query, `COMMIT`), bare 4 (asyncpg adds Parse/Describe), gateway 2 (Parse/Describe, then the "
-        "query with the pool wall and `COMMIT` before its Sync: docs/tuning.md, \"Round trips per request\"; plus "
-        "its `SET LOCAL statement_timeout`).",
+        "the query, `COMMIT`), bare 4 (asyncpg adds Parse/Describe), gateway 3 (its prefix with the "
+        "Parse/Describe, the query, the pool wall and `COMMIT`), gateway with `\"read_only\": true` 2 (the wall "
+        "and `COMMIT` travel before the query's Sync: docs/tuning.md, \"Round trips per request\"). The gateway's "
+        "prefix is `BEGIN [READ ONLY]` with `SET LOCAL` of the tenant and `statement_timeout`.",
         f"- One PgBouncer (transaction mode, pool 20); gateway and bare server pools of 20, each server in its own "
         f"process, all up for the whole run. {CLIENTS} clients everywhere. Gateway: guard, metrics and per-tenant "
         f"limits on (rate {LIMITS['rate_per_s']:,}/s, max_concurrency {LIMITS['max_concurrency']}: never refusing), "
@@ -342,16 +364,16 @@ def report(r: dict[str, Any], total_s: float) -> str:
         f"the simple protocol); wrk `-c {CLIENTS} -t {THREADS} -d {SATURATION_S}s` over {PREBUILT} pre-built "
         f"requests (benchmarks/wrk_post.lua). A {WARMUP_S} s warm-up each, then {ROUNDS} rounds taking turns; tx/s "
         "is the best round (2xx answers only).",
-        f"- Latency: {LATENCY_S} s per rate, the three paths taking turns at each rate, {LAT_ROUNDS} rounds; the "
+        f"- Latency: {LATENCY_S} s per rate, the four paths taking turns at each rate, {LAT_ROUNDS} rounds; the "
         "table gives the median p50 and the median p99 of the rounds. Every round's p99 (ms), "
-        "pgbench / bare / gateway: " + "; ".join(
+        "pgbench / bare / gateway / `read_only`: " + "; ".join(
             f"{share:.0%}: " + " / ".join(",".join(f"{v:.1f}" for v in rounds_[k])
-                                          for k in ("pgbench", "bare", "gateway"))
+                                          for k in ("pgbench", "bare", "gateway", "gateway_ro"))
             for share, rounds_ in zip(SHARES, r["lat_rounds"], strict=True)) + ". pgbench `-R rate -l`: "
         "service time (the log's latency minus its schedule lag, which is what hey measures). HTTP: 32 "
         "`hey -c 1 -q rate/32` processes started 1/rate apart (one `hey -c 32` sends its requests in bursts of 32), "
         "first and last second of each dropped; one tenant and event type per rate. Achieved rates "
-        f"pgbench/bare/gateway: {achieved} per s.",
+        f"pgbench/bare/gateway/`read_only`: {achieved} per s.",
         "- Load generators, servers, PgBouncer and PostgreSQL share the machine's "
         f"{os.cpu_count()} cores; the HTTP load generators cost more CPU per request than pgbench's client. "
         f"Other processes on the machine used about {sat_other:.0%} of its CPU during the saturation runs and "
