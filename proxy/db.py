@@ -366,11 +366,15 @@ class Database:
         except TimeoutError:
             _terminate(conn)
             raise ApiError(STATEMENT_TIMEOUT, "statement cancelled: it ran past its time limit") from None
-        except asyncpg.UnsupportedClientFeatureError:
-            # Raised while decoding a result: the connection's protocol state is unknown.
+        except (asyncpg.UnsupportedClientFeatureError, asyncpg.InternalClientError) as exc:
+            # Raised while decoding a result (asyncpg decodes a ROW(...) only from types it
+            # already knows: an enum or an int2vector inside one has no decoder): the
+            # connection's protocol state is unknown.
             _terminate(conn)
+            if isinstance(exc, asyncpg.InternalClientError) and not str(exc).startswith("no decoder"):
+                raise
             raise ApiError(SQL_ERROR_DATA, "the result holds a value of a type the gateway cannot return; "
-                           "select its fields instead") from None
+                           "select its fields instead, or cast it to text") from None
         except _CONNECTION_ERRORS as exc:
             _terminate(conn)
             raise _unavailable(exc) from None

@@ -54,3 +54,19 @@ async def test_enum_results_in_array_format(api: Api) -> None:
     r = await api.query("SELECT 'sad'::mood AS m, ARRAY['happy'::mood] AS ms", key=KEY_B, row_format="array")
     assert r.status == 200, r.body
     assert r.body["rows"] == [["sad", ["happy"]]]
+
+
+async def test_a_row_of_types_the_driver_cannot_decode_is_a_clear_error(api: Api, admin_db: Any) -> None:
+    # asyncpg decodes an anonymous ROW(...) only from element types it has a decoder for
+    for sql in ("SELECT ROW('1 2'::int2vector) AS r", "SELECT ROW(1, '26 27'::oidvector) AS r"):
+        r = await api.query(sql, key=KEY_B)
+        assert r.status == 422 and r.code == "sql_error", r.body
+        assert "cast it to text" in r.body["error"]["message"]
+        r = await api.query(sql.replace(" AS r", "::text AS r"), key=KEY_B)
+        assert r.status == 200 and r.body["rows"][0]["r"].startswith("("), r.body
+    # in a read-write transaction: nothing is written
+    marker = "undecodable-row"
+    r = await api.transaction([{"sql": "INSERT INTO typed (t) VALUES ($1)", "params": [marker]},
+                               {"sql": "SELECT ROW('1 2'::int2vector) AS r"}], key=KEY_B)
+    assert r.status == 422, r.body
+    assert await admin_db.fetchval("SELECT count(*) FROM typed WHERE t = $1", marker) == 0
