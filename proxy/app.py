@@ -24,7 +24,7 @@ from . import __version__, admin, handlers, idempotency, jwks, neon, openapi
 from .auth import Authenticator, KeySource
 from .config import ConfigError, Limits, LoggingConfig, Settings, load_config
 from .db import DATABASE_ERRORS, Database, PoolStats, RoleCanBypassRls, TxRequest
-from .errors import ApiError, error_middleware
+from .errors import CLIENT_CLOSED, ApiError, error_middleware
 from .guard import Guard
 from .jwks import JwksRefresher
 from .keys import GATEWAY, REQUEST_ID, TRACE
@@ -223,7 +223,8 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     status = 499  # the client went away before an answer
     try:
         response = await handler(request)
-        status = response.status
+        # A stream the client hung up on went out as 200, but no answer arrived.
+        status = 499 if trace.error_code == CLIENT_CLOSED.code else response.status
         if not response.prepared:  # a streamed response sent its headers already
             response.headers["X-Request-Id"] = rid
             if metered:

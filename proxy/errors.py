@@ -57,6 +57,10 @@ SQL_ERROR_DATA = ErrorKind("sql_error", 422)
 INTERNAL = ErrorKind("internal", 500)
 
 ALL_KINDS = tuple(v for v in list(globals().values()) if isinstance(v, ErrorKind))
+# Not in ALL_KINDS, the codes a client can receive: there is no one to send it to.  What
+# metrics and the access log record when the client hung up on a response already under
+# way (nginx's 499).
+CLIENT_CLOSED = ErrorKind("client_closed_request", 499)
 
 
 class ApiError(Exception):

@@ -23,6 +23,7 @@ from .config import Limits
 from .db import ISOLATION_LEVELS, Outcome, TxRequest
 from .encode import dumps
 from .errors import (
+    CLIENT_CLOSED,
     DATABASE_UNAVAILABLE,
     INVALID_REQUEST,
     PAYLOAD_TOO_LARGE,
@@ -264,7 +265,8 @@ async def execute(request: web.Request,
         if stream is None or stream.response is None:
             raise
         trace.error_code = err.kind.code
-        log.warning("request %s failed mid-stream: %s", request[REQUEST_ID], err.message)
+        log.log(logging.INFO if err.kind is CLIENT_CLOSED else logging.WARNING, "request %s failed mid-stream: %s",
+                request[REQUEST_ID], err.message)
         return stream.abort()
     finally:
         gw.scheduler.release(tenant.id)

@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from .encode import dumps
+from .errors import CLIENT_CLOSED, ApiError
 from .keys import REQUEST_ID, TRACE
 from .statement import Result
 
@@ -41,8 +42,11 @@ class JsonRowStream:
                                            "X-Request-Id": self.request[REQUEST_ID],
                                            "Server-Timing": self.request[TRACE].server_timing()})
         resp.enable_chunked_encoding()
-        await resp.prepare(self.request)
         self.response = resp
+        try:
+            await resp.prepare(self.request)
+        except ConnectionError:
+            raise _client_gone() from None
         await self._write(b'{"columns":' + orjson.dumps([{"name": n, "type": t} for n, t in columns]) + b',"rows":[')
 
     async def rows(self, rows: list[Any]) -> bool:
@@ -75,4 +79,14 @@ class JsonRowStream:
     async def _write(self, data: bytes) -> None:
         assert self.response is not None
         self.written += len(data)
-        await self.response.write(data)
+        try:
+            await self.response.write(data)
+        except ConnectionError:
+            # The client hung up.  Raised as what it is: an OSError would pass, on its way
+            # out through db.py, for the database's connection failing (and a replica
+            # serving this read would be taken out of rotation).
+            raise _client_gone() from None
+
+
+def _client_gone() -> ApiError:
+    return ApiError(CLIENT_CLOSED, "the client closed the connection during the response")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import uuid
 from typing import Any
 
 import asyncpg
+import orjson
 
 from proxy.devstack import LocalStack
 from proxy.routing import REPLICA_RETRY_S
@@ -83,3 +86,41 @@ async def test_tenants_go_to_their_cluster(scaled_gateway: Any, primary: LocalSt
         finally:
             await conn.close()
         assert [r["t"] for r in rows] == [tenant]
+
+
+async def _hang_up_mid_stream(api: Api, sql: str, **options: Any) -> bytes:
+    """POST a streaming read, take the first body bytes, then reset the connection (RST)."""
+    host, port = api.base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = orjson.dumps({"sql": sql, **options})
+    writer.write(b"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: Bearer {KEY_A}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    head = await reader.readuntil(b"\r\n\r\n")
+    first = await reader.read(4096)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+    return head + first
+
+
+async def test_a_client_hanging_up_mid_stream_does_not_take_the_replica_out(scaled_gateway: Any,
+                                                                            replica: LocalStack) -> None:
+    overrides = {"database": {"replicas": [replica.gateway_dsn]},
+                 "server": {"stream_threshold_rows": 10, "stream_batch_rows": 50},
+                 "tenants": {TENANT_A: {"max_rows": 10_000_000, "max_response_bytes": 1 << 40}}}
+    async with scaled_gateway(**overrides) as api:
+        assert await _in_recovery(api, read_only=True) is True
+        sql = "SELECT g, repeat('x', 2000) AS pad FROM generate_series(1, 2000000) g"
+        for _ in range(5):
+            got = await _hang_up_mid_stream(api, sql, read_only=True)
+            assert got.startswith(b"HTTP/1.1 200") and b"chunked" in got.lower()
+            await asyncio.sleep(0.3)  # the gateway notices, rolls back, hands the connection back
+            # a hang-up is not a database failure: reads stay on the replica
+            assert await _in_recovery(api, read_only=True) is True
+        text = (await api.request("GET", "/metrics", key=None, admin=True)).body
+        assert 'code="499"' in text
+        assert 'code="503"' not in text
+        # every connection went back to the pool, none is left in its transaction
+        for _ in range(20):
+            r = await api.query("SELECT count(*) AS n FROM generate_series(1, 3)", read_only=True)
+            assert r.status == 200 and r.body["rows"] == [{"n": 3}]
