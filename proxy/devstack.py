@@ -94,6 +94,7 @@ class LocalStack:
     bouncer_port: int = 0
     pool_size: int = 20
     replica_of: LocalStack | None = None  # start as a streaming replica of this stack
+    tls: bool = False  # PgBouncer also offers TLS to clients (a self-signed certificate)
     _bouncer: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -241,8 +242,25 @@ log_min_messages = warning
             "stats_users": SUPERUSER,
         }
         databases = {DATABASE: f"host=127.0.0.1 port={self.pg_port} dbname={DATABASE}"}
-        self._write_as_owner(ini, render_pgbouncer_ini(PGBOUNCER_INI.read_text(), values, databases))
+        text = render_pgbouncer_ini(PGBOUNCER_INI.read_text(), values, databases)
+        if self.tls:  # settings the reference has only as comments
+            text = text.replace("[pgbouncer]\n", "[pgbouncer]\n" + "".join(
+                f"{k} = {v}\n" for k, v in self._client_tls().items()), 1)
+        self._write_as_owner(ini, text)
         self.start_bouncer()
+
+    def _client_tls(self) -> dict[str, str]:
+        """A throwaway self-signed certificate; clients may use TLS or not (``allow``)."""
+        key, cert = self.root / "bouncer.key", self.root / "bouncer.crt"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                        "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+                       check=True, capture_output=True)
+        key.chmod(0o600)
+        if self.as_postgres:
+            pw = pwd.getpwnam("postgres")
+            for path in (key, cert):
+                os.chown(path, pw.pw_uid, pw.pw_gid)
+        return {"client_tls_sslmode": "allow", "client_tls_key_file": str(key), "client_tls_cert_file": str(cert)}
 
     def start_bouncer(self) -> None:
         """Start (or restart) PgBouncer with the rendered config and wait until it listens."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from proxy.statement import Statement, _prepare, pipelined
 from proxy.trace import RequestTrace
 
 from ..fix_gateway import KEY_A, KEY_B, TENANT_A, TENANT_B, base_config, make_settings, merge
-from ..fix_stack import Stack
+from ..fix_stack import Stack, stack_of, temporary_stack
 
 
 async def test_hardened_role_cannot_call_set_config_even_past_the_guard(gateway_with: Any) -> None:
@@ -334,3 +335,41 @@ def test_connections_made_under_uvloop_carry_the_commit(stack: Stack) -> None:
 
     assert uvloop.run(run(stack.gateway_dsn + "?sslmode=disable")) == [(TENANT_A,)]
     assert uvloop.run(run(stack.gateway_dsn)) == [(TENANT_A,)]
+
+
+@pytest.fixture(scope="module")
+def tls_stack() -> Iterator[Stack]:
+    """A stack of its own whose PgBouncer offers TLS (a throwaway self-signed certificate)."""
+    for local in temporary_stack("tenant-proxy-tls-", pool_size=2, tls=True):
+        yield stack_of(local)
+
+
+def test_connections_over_tls_carry_the_prefix_and_the_commit(tls_stack: Stack) -> None:
+    """After asyncpg's TLS upgrade (``loop.start_tls``), the transport asyncpg's protocol
+    writes through is wrapped too: the prefix goes in front, the COMMIT before the Sync.
+    Under both loops: uvloop's TLS transport is its own class."""
+    import uvloop
+
+    async def run() -> tuple[bool, list[Any], list[Any]]:
+        db = await _database(tls_stack, tls_stack.gateway_dsn + "?sslmode=require")
+        try:
+            assert db.pool is not None
+            async with db.pool.acquire() as conn:
+                assert conn.gateway_writer is not None
+                encrypted = conn._transport.get_extra_info("ssl_object") is not None
+            trace = RequestTrace(endpoint="test")
+            write = await db.run_in_tenant_tx(
+                _tx("INSERT INTO events (event_type, data) VALUES ('over-tls', '{}') RETURNING tenant_id"), trace)
+            read = await db.run_in_tenant_tx(
+                _tx("SELECT count(*) AS n, current_setting('app.tenant_id') AS t FROM events "
+                    "WHERE event_type = 'over-tls'", read_only=True), trace)
+            assert read.results[0].committed, "the COMMIT did not travel with the statement"
+            return (encrypted, [str(r["tenant_id"]) for r in write.results[0].rows],
+                    [tuple(r) for r in read.results[0].rows])
+        finally:
+            await db.close()
+
+    encrypted, written, seen = asyncio.run(asyncio.wait_for(run(), 30))
+    assert encrypted and written == [TENANT_A] and seen == [(1, TENANT_A)]
+    encrypted, written, seen = uvloop.run(asyncio.wait_for(run(), 30))
+    assert encrypted and written == [TENANT_A] and seen == [(2, TENANT_A)]
