@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages the dev/test stack needs when they are missing:
-# PostgreSQL 15 server binaries with pg_partman, PgBouncer, and Prometheus (for the
-# metrics tests).  Uses apt when run as root; otherwise prints the command to run.
+# PostgreSQL 15 server binaries with pg_partman, PgBouncer, Prometheus (for the
+# metrics tests) and openssl (a test certificate).  Uses apt when run as root; otherwise prints the command to run.
 # Safe to run repeatedly: it does nothing when all is there.
 set -euo pipefail
 
@@ -18,6 +18,10 @@ if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
 fi
 if ! command -v psql >/dev/null 2>&1; then
   missing+=(postgresql-client)
+fi
+# A throwaway certificate for the test of TLS to PgBouncer.
+if ! command -v openssl >/dev/null 2>&1; then
+  missing+=(openssl)
 fi
 # Tests scrape the gateway with a real Prometheus and check rules with promtool.
 if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
