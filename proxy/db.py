@@ -36,6 +36,7 @@ import orjson
 from . import idempotency
 from .audit import Finding, audit_role
 from .config import DatabaseConfig
+from .encode import dumps
 from .errors import (
     DATABASE_UNAVAILABLE,
     INVALID_REQUEST,
@@ -46,7 +47,7 @@ from .errors import (
     ApiError,
     from_sqlstate,
 )
-from .statement import Result, RowSink, Statement, pipelined, run_statement
+from .statement import Result, RowSink, Statement, UndecodableValue, pipelined, run_statement
 from .trace import RequestTrace
 from .wire import ConnectVia, SplicingTransport, connect
 
@@ -154,7 +155,7 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     # json/jsonb pass through as the database's own text, embedded as-is in the response.
     # Binary format (jsonb's is a version byte, then the text) so rows and composites
     # that contain them decode too.
-    await conn.set_type_codec("json", schema="pg_catalog", encoder=orjson.dumps, decoder=orjson.Fragment,
+    await conn.set_type_codec("json", schema="pg_catalog", encoder=dumps, decoder=orjson.Fragment,
                               format="binary")
     await conn.set_type_codec("jsonb", schema="pg_catalog", encoder=_jsonb_encode, decoder=_jsonb_decode,
                               format="binary")
@@ -163,7 +164,7 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 def _jsonb_encode(value: Any) -> bytes:
-    return b"\x01" + orjson.dumps(value)
+    return b"\x01" + dumps(value)  # dumps: an integer past 64 bits too
 
 
 def _jsonb_decode(data: bytes) -> orjson.Fragment:
@@ -368,13 +369,17 @@ class Database:
             raise ApiError(STATEMENT_TIMEOUT, "statement cancelled: it ran past its time limit") from None
         except (asyncpg.UnsupportedClientFeatureError, asyncpg.InternalClientError) as exc:
             # Raised while decoding a result (asyncpg decodes a ROW(...) only from types it
-            # already knows: an enum or an int2vector inside one has no decoder): the
-            # connection's protocol state is unknown.
+            # already knows: an int2vector inside one has no decoder): the connection's
+            # protocol state is unknown.
             _terminate(conn)
             if isinstance(exc, asyncpg.InternalClientError) and not str(exc).startswith("no decoder"):
                 raise
             raise ApiError(SQL_ERROR_DATA, "the result holds a value of a type the gateway cannot return; "
                            "select its fields instead, or cast it to text") from None
+        except UndecodableValue as exc:
+            _terminate(conn)
+            raise ApiError(SQL_ERROR_DATA, f"the result holds a value the gateway cannot return ({exc}); "
+                           "cast it to text") from None
         except _CONNECTION_ERRORS as exc:
             _terminate(conn)
             raise _unavailable(exc) from None

@@ -25,8 +25,8 @@ from .errors import INVALID_REQUEST, ApiError
 
 
 def _default(obj: Any) -> Any:
-    if isinstance(obj, Decimal):
-        return str(obj)
+    if isinstance(obj, Decimal):  # as PostgreSQL prints it: never in exponent notation
+        return format(obj, "f") if obj.is_finite() else str(obj)
     if isinstance(obj, (bytes, bytearray, memoryview)):
         return base64.b64encode(bytes(obj)).decode()
     if isinstance(obj, dt.timedelta):
@@ -50,8 +50,33 @@ def _iso_duration(td: dt.timedelta) -> str:
 
 
 def dumps(value: Any) -> bytes:
-    """Serialise a response body."""
-    return orjson.dumps(value, default=_default)
+    """Serialise a response body.  Never fails on a value the database returned: the
+    transaction may have committed already, and an answer of 500 would invite a retry."""
+    try:
+        return orjson.dumps(value, default=_default)
+    except (TypeError, ValueError, OverflowError):  # orjson.JSONEncodeError is a TypeError
+        return orjson.dumps(_plain(value), default=_default)
+
+
+def _plain(value: Any) -> Any:
+    """The slow path of ``dumps``: what orjson refuses, made into something it takes (a
+    ``time`` with a UTC offset, from timetz, as ISO 8601 text; an integer past 64 bits as
+    a JSON number; anything else as its text)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dt.time) and value.tzinfo is not None:
+        return value.isoformat()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return orjson.Fragment(str(value).encode())
+    try:
+        orjson.dumps(value, default=_default)
+    except (TypeError, ValueError, OverflowError):
+        if hasattr(value, "items"):  # a composite value (record)
+            return _plain(dict(value.items()))
+        return str(value)
+    return value
 
 
 def type_label(name: str, kind: str, element: str | None) -> str:
@@ -87,13 +112,26 @@ def _float(v: Any) -> float:
     raise ValueError
 
 
+class _OutOfRange(ValueError):
+    """A value of the right kind that the type cannot hold (the message says why)."""
+
+
+# PostgreSQL's numeric holds up to 131072 digits before the decimal point.  The binary
+# format's weight (a 16-bit count of base-10000 digits) would wrap past that, and the
+# value arrive as another number (0): refuse it here instead.
+_NUMERIC_MAX_ADJUSTED = 131071
+
+
 def _numeric(v: Any) -> Decimal:
     if isinstance(v, bool) or not isinstance(v, (int, float, str)):
         raise ValueError
     try:
-        return Decimal(str(v).strip())
+        d = Decimal(str(v).strip())
     except InvalidOperation:
         raise ValueError from None
+    if d.is_finite() and d and d.adjusted() > _NUMERIC_MAX_ADJUSTED:
+        raise _OutOfRange("value overflows numeric format (at most 131072 digits before the decimal point)")
+    return d
 
 
 def _bool(v: Any) -> bool:
@@ -178,7 +216,9 @@ def convert_param(index: int, value: Any, typename: str, kind: str, element: str
         if not isinstance(value, list):
             raise _fail(index, type_label(typename, kind, element), "a JSON array")
         elem = element or ""
-        return [convert_param(index, v, elem, "scalar", None) for v in value]
+        # a nested list is a dimension more (a multi-dimensional array)
+        return [convert_param(index, v, elem, "array", elem) if isinstance(v, list)
+                else convert_param(index, v, elem, "scalar", None) for v in value]
     conv = _CONVERTERS.get(typename)
     if conv is None:
         if isinstance(value, (dict, list)):
@@ -187,6 +227,8 @@ def convert_param(index: int, value: Any, typename: str, kind: str, element: str
     fn, expected = conv
     try:
         return fn(value)
+    except _OutOfRange as exc:
+        raise ApiError(INVALID_REQUEST, f"parameter ${index} ({typename}): {exc}") from None
     except (ValueError, TypeError, OverflowError):
         raise _fail(index, typename, expected) from None
 

@@ -9,7 +9,9 @@ only turns its body into a :class:`Plan` (``POST /sql`` in neon.py does too).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from .encode import dumps
 from .errors import (
     CLIENT_CLOSED,
     DATABASE_UNAVAILABLE,
+    INTERNAL,
     INVALID_REQUEST,
     PAYLOAD_TOO_LARGE,
     REQUEST_TIMEOUT,
@@ -57,6 +60,13 @@ class Options:
     deferrable: bool = False
 
 
+_LONG_NUMBER = re.compile(rb"[0-9]{20}")
+
+
+def _no_constant(name: str) -> Any:
+    raise ApiError(INVALID_REQUEST, f"the request body is not valid JSON: {name} is not a JSON value")
+
+
 async def _read_json(request: web.Request, max_bytes: int, timeout_s: float) -> tuple[bytes, dict[str, Any]]:
     if request.content_length is not None and request.content_length > max_bytes:
         raise ApiError(PAYLOAD_TOO_LARGE, f"request body over this tenant's limit of {max_bytes} bytes")
@@ -76,6 +86,10 @@ async def _read_json(request: web.Request, max_bytes: int, timeout_s: float) -> 
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ApiError(INVALID_REQUEST, f"the request body is not valid JSON: {exc}") from None
+    if _LONG_NUMBER.search(raw):
+        # orjson reads an integer past 64 bits as a float, which would change a jsonb,
+        # numeric or text parameter silently: such a body is read again, exactly.
+        body = json.loads(raw, parse_constant=_no_constant)
     if not isinstance(body, dict):
         raise ApiError(INVALID_REQUEST, "the request body must be a JSON object")
     return raw, body
@@ -267,6 +281,13 @@ async def execute(request: web.Request,
         trace.error_code = err.kind.code
         log.log(logging.INFO if err.kind is CLIENT_CLOSED else logging.WARNING, "request %s failed mid-stream: %s",
                 request[REQUEST_ID], err.message)
+        return stream.abort()
+    except Exception:
+        if stream is None or stream.response is None:
+            raise
+        # The 200 went out: an error answer now would be written into the chunked body.
+        trace.error_code = INTERNAL.code
+        log.exception("request %s failed mid-stream", request[REQUEST_ID])
         return stream.abort()
     finally:
         gw.scheduler.release(tenant.id)

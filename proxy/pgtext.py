@@ -135,8 +135,11 @@ def _float4_shortest(v: float) -> str:
     exact = struct.pack("<f", v)
     for precision in range(1, 10):
         text = f"{v:.{precision}g}"
-        if struct.pack("<f", float(text)) == exact:
-            return text
+        try:
+            if struct.pack("<f", float(text)) == exact:
+                return text
+        except OverflowError:  # near float4's maximum, fewer digits round past it
+            continue
     return repr(v)
 
 

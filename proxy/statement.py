@@ -55,6 +55,22 @@ class RowSink(Protocol):
 
 # Extended-protocol messages for one parameterless statement, unnamed statement and portal:
 # Parse (no parameter types), Bind (no parameters, default result format), Execute (all rows).
+class UndecodableValue(Exception):
+    """The driver could not turn a value of the result into a Python one (a date past
+    9999 or before 1 AD, a time of 24:00, a ROW(...) element it has no decoder for)."""
+
+
+async def _execute(call: Any, *args: Any) -> Any:
+    """A protocol call that reads rows: a value the driver's decoders refuse is
+    ``UndecodableValue``, not an error that passes for a bug of the gateway's."""
+    try:
+        return await call(*args)
+    except asyncpg.InterfaceError:
+        raise  # the driver's own errors, a parameter it could not encode among them
+    except (ValueError, OverflowError) as exc:  # UnicodeDecodeError is a ValueError
+        raise UndecodableValue(str(exc)) from None
+
+
 _BIND_EXECUTE = (b"B" + struct.pack("!i", 4 + 2 + 6) + b"\0\0" + b"\0\0" * 3
                  + b"E" + struct.pack("!i", 4 + 1 + 4) + b"\0" + b"\0\0\0\0")
 
@@ -126,11 +142,12 @@ async def run_statement(conn: asyncpg.Connection, st: Statement, timeout: float,
     writer = getattr(conn, "gateway_writer", None) if commit is not None and columns and not streaming else None
     committed = False
     if writer is None:
-        rows, status, done = await protocol.bind_execute(state, params, portal, first, True, timeout)
+        rows, status, done = await _execute(protocol.bind_execute, state, params, portal, first, True, timeout)
     else:
         writer.before_sync = commit
         try:
-            rows, status, done = await protocol.bind_execute(state, params, portal, first, True, timeout)
+            rows, status, done = await _execute(protocol.bind_execute, state, params, portal, first, True,
+                                                timeout)
         finally:
             sent = writer.before_sync is None
             writer.before_sync = None
@@ -172,7 +189,7 @@ async def _streamed(protocol: Any, state: Any, portal: str, rows: list[asyncpg.R
         if done:
             break
         want = 1 if sent == max_rows else min(sink.batch_rows, max_rows - sent + 1)
-        rows, _, done = await protocol.execute(state, portal, want, True, timeout)
+        rows, _, done = await _execute(protocol.execute, state, portal, want, True, timeout)
         if sent == max_rows:
             truncated = bool(rows)
             break

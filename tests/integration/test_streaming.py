@@ -3,6 +3,7 @@ max_response_bytes."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -71,4 +72,32 @@ async def test_error_mid_stream_cuts_the_connection(gateway_with: Any) -> None:
                 pass
             else:
                 raise AssertionError("a failed stream must not look like a complete result")
+        assert (await api.query("SELECT 1")).status == 200
+
+
+async def _raw_post(api: Any, body: dict[str, Any]) -> bytes:
+    """The bytes on the wire, up to the server closing the connection (10 s at most)."""
+    host, port = api.base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    data = orjson.dumps(body)
+    writer.write(b"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer test-key-a\r\n" + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    try:
+        return await asyncio.wait_for(reader.read(-1), 10)
+    finally:
+        writer.close()
+
+
+async def test_a_value_that_cannot_be_returned_mid_stream_cuts_the_connection(gateway_with: Any) -> None:
+    """A decode error (or any other) after the 200 went out: the connection is cut, and no
+    second response is written into the chunked body."""
+    overrides = {"server": {"stream_threshold_rows": 10, "stream_batch_rows": 10},
+                 "tenants": {TENANT_A: {"max_rows": 100_000}}}
+    async with gateway_with(**overrides) as api:
+        for bad in ("'5874897-12-31'::date", "'24:00:00'::time"):
+            sql = f"SELECT g, CASE WHEN g = 50 THEN {bad} END AS v FROM generate_series(1, 100) g"
+            wire = await _raw_post(api, {"sql": sql})
+            assert wire.startswith(b"HTTP/1.1 200"), wire[:200]
+            assert wire.count(b"HTTP/1.1") == 1, "a second response was written into the body"
+            assert not wire.endswith(b"0\r\n\r\n"), "the body must not look complete"
         assert (await api.query("SELECT 1")).status == 200

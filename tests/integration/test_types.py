@@ -70,3 +70,61 @@ async def test_a_row_of_types_the_driver_cannot_decode_is_a_clear_error(api: Api
                                {"sql": "SELECT ROW('1 2'::int2vector) AS r"}], key=KEY_B)
     assert r.status == 422, r.body
     assert await admin_db.fetchval("SELECT count(*) FROM typed WHERE t = $1", marker) == 0
+
+
+async def test_a_timetz_result_is_returned_and_a_write_with_it_is_not_reported_failed(api: Api,
+                                                                                       admin_db: Any) -> None:
+    r = await api.query("SELECT '12:34:56.789+05:30'::timetz AS t, ARRAY['00:00-15:59'::timetz] AS ts", key=KEY_B)
+    assert r.status == 200, r.body
+    assert r.body["rows"] == [{"t": "12:34:56.789000+05:30", "ts": ["00:00:00-15:59"]}]
+    # the response is encoded after the COMMIT: it must not turn a committed write into a 500
+    marker = "timetz-returning"
+    r = await api.query("INSERT INTO typed (t) VALUES ($1) RETURNING '12:00+05'::timetz AS v", marker, key=KEY_B)
+    assert r.status == 200 and r.body["rows"] == [{"v": "12:00:00+05:00"}], r.body
+    assert await admin_db.fetchval("SELECT count(*) FROM typed WHERE t = $1", marker) == 1
+
+
+async def test_values_the_driver_cannot_decode_are_a_clear_error_and_write_nothing(api: Api,
+                                                                                   admin_db: Any) -> None:
+    for expr in ("'5874897-12-31'::date", "'4713-01-01 BC'::date", "'294276-12-31 23:59:59'::timestamptz",
+                 "'24:00:00'::time", "ARRAY['10000-01-01'::date]", "ROW(12.5::money)"):
+        r = await api.query(f"SELECT {expr} AS v", key=KEY_B)
+        assert r.status == 422 and r.code == "sql_error", (expr, r.body)
+        assert "cast it to text" in r.body["error"]["message"], r.body
+        r = await api.query(f"SELECT ({expr})::text AS v", key=KEY_B)
+        assert r.status == 200, r.body
+    marker = "undecodable-date"
+    r = await api.query("INSERT INTO typed (t) VALUES ($1) RETURNING '5874897-12-31'::date AS d", marker, key=KEY_B)
+    assert r.status == 422, r.body
+    assert await admin_db.fetchval("SELECT count(*) FROM typed WHERE t = $1", marker) == 0
+
+
+async def test_numeric_parameters_beyond_postgresqls_range_are_refused_not_wrapped(api: Api) -> None:
+    for value in ("1e131072", "-5e131075", "123e131070"):
+        r = await api.query("SELECT $1::numeric = 0 AS zero", value, key=KEY_B)
+        assert r.status == 400 and "overflows numeric" in r.body["error"]["message"], (value, r.body)
+    r = await api.query("SELECT $1::numeric AS n", "9e131071", key=KEY_B)
+    assert r.status == 200 and r.body["rows"][0]["n"] == "9" + "0" * 131071
+    r = await api.query("SELECT $1::numeric[] AS n", [["1", "2e131072"]], key=KEY_B)
+    assert r.status == 400, r.body
+
+
+async def test_integers_past_64_bits_in_the_body_arrive_exactly(api: Api) -> None:
+    big = 123456789012345678901234567890
+    r = await api.query("SELECT $1::jsonb AS j, $2::numeric AS n, $3::text AS t", {"a": big, "s": "x"}, big, big,
+                        key=KEY_B)
+    assert r.status == 200, r.body
+    assert r.body["rows"] == [{"j": {"a": big, "s": "x"}, "n": str(big), "t": str(big)}]
+    r = await api.query("SELECT $1::int8 AS i", big, key=KEY_B)
+    assert r.status == 400 and r.code == "invalid_request", r.body
+
+
+async def test_multidimensional_array_parameters(api: Api) -> None:
+    r = await api.query("SELECT $1::int[] AS a, array_ndims($1::int[]) AS n", [[1, 2], [3, None]], key=KEY_B)
+    assert r.status == 200 and r.body["rows"] == [{"a": [[1, 2], [3, None]], "n": 2}], r.body
+
+
+async def test_numeric_is_spelled_as_postgresql_prints_it(api: Api) -> None:
+    r = await api.query("SELECT 0.0000001 AS a, 0.00000000 AS b, 1e20::numeric AS c, 'NaN'::numeric AS d, "
+                        "'-Infinity'::numeric AS e", key=KEY_B, row_format="array")
+    assert r.body["rows"] == [["0.0000001", "0.00000000", "100000000000000000000", "NaN", "-Infinity"]], r.body
