@@ -23,7 +23,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import os
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -47,6 +49,7 @@ from .errors import (
     ApiError,
     from_sqlstate,
 )
+from .pgtext import float4_shortest
 from .statement import Result, RowSink, Statement, UndecodableValue, pipelined, run_statement
 from .trace import RequestTrace
 from .wire import ConnectVia, SplicingTransport, connect
@@ -161,10 +164,33 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
                               format="binary")
     # Intervals keep months and days apart as PostgreSQL's own text.
     await conn.set_type_codec("interval", schema="pg_catalog", encoder=str, decoder=str, format="text")
+    # An anonymous ROW(...) as PostgreSQL's own text, ``(1,"a b",)``: asyncpg decodes one
+    # in binary, element by element, and hands an element of a type it reads as text
+    # (interval above, money, tsvector, regtype, macaddr, ...) the binary bytes, which
+    # came out as garbage with a 200.  Named composite types still come out as objects.
+    await conn.set_type_codec("record", schema="pg_catalog", encoder=str, decoder=str, format="text")
+    # Types asyncpg decodes to something PostgreSQL does not print (an LSN as an integer,
+    # a snapshot as a tuple): PostgreSQL's text, both ways.  ("char" too, as bytes, but
+    # asyncpg's set_type_codec takes the name "char" for bpchar.)
+    for name in ("pg_lsn", "txid_snapshot", "pg_snapshot"):
+        await conn.set_type_codec(name, schema="pg_catalog", encoder=str, decoder=str, format="text")
+    # float4 as the shortest decimal that reads back as the same float4 (0.1, as
+    # PostgreSQL prints it, not the double 0.10000000149011612).
+    await conn.set_type_codec("float4", schema="pg_catalog", encoder=_float4_encode, decoder=_float4_decode,
+                              format="binary")
 
 
 def _jsonb_encode(value: Any) -> bytes:
     return b"\x01" + dumps(value)  # dumps: an integer past 64 bits too
+
+
+def _float4_encode(value: Any) -> bytes:
+    return struct.pack("!f", value)
+
+
+def _float4_decode(data: bytes) -> float:
+    value: float = struct.unpack("!f", data)[0]
+    return float(float4_shortest(value)) if math.isfinite(value) else value
 
 
 def _jsonb_decode(data: bytes) -> orjson.Fragment:
@@ -368,9 +394,8 @@ class Database:
             _terminate(conn)
             raise ApiError(STATEMENT_TIMEOUT, "statement cancelled: it ran past its time limit") from None
         except (asyncpg.UnsupportedClientFeatureError, asyncpg.InternalClientError) as exc:
-            # Raised while decoding a result (asyncpg decodes a ROW(...) only from types it
-            # already knows: an int2vector inside one has no decoder): the connection's
-            # protocol state is unknown.
+            # Raised while decoding a result (a composite element of a type asyncpg has no
+            # decoder for): the connection's protocol state is unknown.
             _terminate(conn)
             if isinstance(exc, asyncpg.InternalClientError) and not str(exc).startswith("no decoder"):
                 raise

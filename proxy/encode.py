@@ -39,6 +39,12 @@ def _default(obj: Any) -> Any:
         return dict(obj.items())
     if isinstance(obj, (set, frozenset)):
         return list(obj)
+    if type(obj).__module__.startswith("asyncpg"):
+        # asyncpg's geometric types and bit strings, whose str() is a Python repr
+        # (a Path's even carries a memory address): PostgreSQL's own text instead.
+        from .pgtext import to_text  # pgtext imports this module
+
+        return to_text(obj)
     return str(obj)
 
 

@@ -94,7 +94,7 @@ def _float_text(v: float, kind: str) -> str:
         return "Infinity" if v > 0 else "-Infinity"
     if v == 0:
         return "-0" if math.copysign(1.0, v) < 0 else "0"
-    shortest = repr(v) if kind == "float8" else _float4_shortest(v)
+    shortest = repr(v) if kind == "float8" else float4_shortest(v)
     d = Decimal(shortest).normalize()
     _, digits, exponent = d.as_tuple()
     assert isinstance(exponent, int)
@@ -130,7 +130,7 @@ def _geometric_text(value: Any) -> str | None:
     return None
 
 
-def _float4_shortest(v: float) -> str:
+def float4_shortest(v: float) -> str:
     """The fewest significant digits that read back as the same float4 (as PostgreSQL prints)."""
     exact = struct.pack("<f", v)
     for precision in range(1, 10):
