@@ -14,6 +14,7 @@ import base64
 import binascii
 import datetime as dt
 import ipaddress
+import math
 import uuid
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
@@ -96,6 +97,10 @@ def _fail(index: int, typename: str, expected: str) -> ApiError:
     return ApiError(INVALID_REQUEST, f"parameter ${index} ({typename}): expected {expected}")
 
 
+class _OutOfRange(ValueError):
+    """A value of the right kind that the type cannot hold (the message says why)."""
+
+
 def _int(v: Any) -> int:
     if isinstance(v, bool):
         raise ValueError
@@ -114,12 +119,11 @@ def _float(v: Any) -> float:
     if isinstance(v, (int, float)):
         return float(v)
     if isinstance(v, str):
-        return float(v)
+        f = float(v)
+        if math.isinf(f) and v.strip().lstrip("+-").lower() not in ("inf", "infinity"):
+            raise _OutOfRange("out of range for type double precision")  # 1e400, which PostgreSQL refuses
+        return f
     raise ValueError
-
-
-class _OutOfRange(ValueError):
-    """A value of the right kind that the type cannot hold (the message says why)."""
 
 
 # PostgreSQL's numeric holds up to 131072 digits before the decimal point.  The binary
@@ -179,6 +183,20 @@ def _iso(parse: Callable[[str], Any]) -> Callable[[Any], Any]:
     return conv
 
 
+def _naive(parse: Callable[[str], Any]) -> Callable[[Any], Any]:
+    """timestamp and time ignore a UTC offset in their input, as PostgreSQL does."""
+    iso = _iso(parse)
+
+    def conv(v: Any) -> Any:
+        return iso(v).replace(tzinfo=None)
+    return conv
+
+
+def _char(v: Any) -> bytes:
+    """PostgreSQL's one-byte "char" (asyncpg sends it as bytes)."""
+    return _str(v).encode()
+
+
 def _json(v: Any) -> Any:
     return v
 
@@ -196,14 +214,14 @@ _CONVERTERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "numeric": (_numeric, "a number or a numeric string"),
     "bool": (_bool, "true or false"),
     "text": (_str, "a string"), "varchar": (_str, "a string"), "bpchar": (_str, "a string"),
-    "name": (_str, "a string"), "char": (_str, "a string"), "citext": (_str, "a string"),
+    "name": (_str, "a string"), "char": (_char, "a string"), "citext": (_str, "a string"),
     "interval": (_str, "a string such as '1 day 02:00'"),
     "uuid": (_uuid, "a UUID string"),
     "bytea": (_bytea, "a base64 string"),
     "timestamptz": (_iso(dt.datetime.fromisoformat), "an ISO 8601 timestamp string"),
-    "timestamp": (_iso(dt.datetime.fromisoformat), "an ISO 8601 timestamp string"),
+    "timestamp": (_naive(dt.datetime.fromisoformat), "an ISO 8601 timestamp string"),
     "date": (_iso(dt.date.fromisoformat), "an ISO 8601 date string"),
-    "time": (_iso(dt.time.fromisoformat), "an ISO 8601 time string"),
+    "time": (_naive(dt.time.fromisoformat), "an ISO 8601 time string"),
     "timetz": (_iso(dt.time.fromisoformat), "an ISO 8601 time string"),
     "json": (_json, "any JSON value"), "jsonb": (_json, "any JSON value"),
     "inet": (_inet, "an IP address string"), "cidr": (_inet, "an IP network string"),

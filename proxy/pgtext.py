@@ -28,6 +28,7 @@ from .encode import convert_param
 from .errors import INVALID_REQUEST, ApiError
 
 _ARRAY_SPECIAL = re.compile(r'[{}",\\\s]')
+_BOX_ARRAY_SPECIAL = re.compile(r'[{}";\\\s]')  # box arrays are delimited by ';'
 _COMPOSITE_SPECIAL = re.compile(r'[()",\\\s]')
 _RANGE_SPECIAL = re.compile(r'[()\[\]",\\\s]')
 _TRUE = frozenset({"t", "true", "y", "yes", "on", "1"})
@@ -71,6 +72,10 @@ def to_text(value: Any, typename: str = "") -> str | None:
     if isinstance(value, dt.time):
         return _time_text(value)
     if isinstance(value, list):
+        if _is_multirange(value, typename):
+            return "{" + ",".join(_range_text(r, typename) for r in value) + "}"
+        if _is_vector(value, typename):
+            return " ".join(str(v) for v in value)
         return _array_text(value, typename)
     # asyncpg's own value types, recognised by shape (only db.py imports asyncpg)
     geometric = _geometric_text(value)
@@ -188,18 +193,33 @@ def _quoted(text: str | None, special: re.Pattern[str], *, double: bool = False)
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+# Arrays to asyncpg, space-separated numbers to PostgreSQL.
+_VECTORS = frozenset({"int2vector", "oidvector"})
+
+
+def _is_multirange(value: list[Any], typename: str) -> bool:
+    """asyncpg decodes a multirange, like an array, to a list: of ranges."""
+    return typename.endswith("multirange") and not any(isinstance(v, list) for v in value)
+
+
+def _is_vector(value: list[Any], typename: str) -> bool:
+    return typename in _VECTORS and not any(isinstance(v, list) for v in value)
+
+
 def _array_text(values: list[Any], element: str) -> str:
     parts = []
     for v in values:
         if v is None:
             parts.append("NULL")
-        elif isinstance(v, list):
+        elif isinstance(v, list) and not _is_multirange(v, element) and not _is_vector(v, element):
             parts.append(_array_text(v, element))
         else:
             text = to_text(v, element)
-            parts.append(_quoted(text, _ARRAY_SPECIAL) if text and text.upper() != "NULL"
+            special = _BOX_ARRAY_SPECIAL if element == "box" else _ARRAY_SPECIAL
+            parts.append(_quoted(text, special) if text and text.upper() != "NULL"
                          else '"' + (text or "") + '"')
-    return "{" + ",".join(parts) + "}"
+    # box is the one built-in type whose array delimiter is not a comma (its text has commas)
+    return "{" + (";" if element == "box" else ",").join(parts) + "}"
 
 
 def _range_text(value: Any, element: str) -> str:

@@ -197,7 +197,13 @@ async def _streamed(protocol: Any, state: Any, portal: str, rows: list[asyncpg.R
                   type_oids=oids)
 
 
+# asyncpg names these "int2vector[]" and "oidvector[]", like the arrays of them.
+_VECTOR_TYPES = {22: "int2vector", 30: "oidvector"}
+
+
 def _describe(t: Any) -> tuple[str, str, str | None]:
+    if t.oid in _VECTOR_TYPES:
+        return _VECTOR_TYPES[t.oid], t.kind, None
     element = None
     if t.kind == "array":
         # asyncpg names built-in arrays "int4[]" and introspected ones after pg_type ("_my_enum").

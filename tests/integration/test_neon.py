@@ -118,6 +118,9 @@ _TEXT_CASES = [
     "'{1,2,3}'::line", "'<(1,2),3>'::circle", "'((1,2),(3,4),(5,6))'::polygon", "'[(1,2),(3,4)]'::path",
     "'((1,2),(3,4))'::path", "ROW(ROW(1, 'x'), ARRAY[1, 2])",
     "'3.4028235e38'::float4", "'-3.4028234e38'::float4",  # fewer digits round past float4's maximum
+    "'1 2'::int2vector", "''::int2vector", "'26 27'::oidvector", "ARRAY['1 2'::int2vector]",
+    "'{[1,3), [5,7)}'::int4multirange", "'{}'::int4multirange", "ARRAY['{[1,2)}'::int4multirange]",
+    "ARRAY['((1,1),(0,0))'::box, '((3,3),(2,2))'::box]", "'16/B374D848'::pg_lsn",
 ]
 
 

@@ -155,3 +155,26 @@ async def test_types_asyncpg_spells_its_own_way_come_out_as_postgresql_prints_th
     assert r.body["rows"] == [{"a": 0.1, "b": [1.5, 3.4028235e38], "c": 0.2}], r.body
     r = await api.query("SELECT $1::pg_lsn AS l", "0/16", key=KEY_B)
     assert r.status == 200 and r.body["rows"] == [{"l": "0/16"}], r.body
+
+
+async def test_parameters_as_postgresql_reads_them(api: Api) -> None:
+    """A UTC offset given for a timestamp or time is ignored, as PostgreSQL's input does;
+    a "char" parameter is one character."""
+    r = await api.query("SELECT $1::timestamp AS ts, $2::time AS t, $3::\"char\"::text AS c",
+                        "2026-01-01T10:00:00+02:00", "12:00:00+05:00", "z", key=KEY_B)
+    assert r.status == 200, r.body
+    assert r.body["rows"] == [{"ts": "2026-01-01T10:00:00", "t": "12:00:00", "c": "z"}]
+
+
+async def test_vector_types_are_labelled_as_themselves(api: Api) -> None:
+    r = await api.query("SELECT '1 2'::int2vector AS v, ARRAY['1 2'::int2vector] AS a", key=KEY_B)
+    assert r.status == 200, r.body
+    assert r.body["columns"] == [{"name": "v", "type": "int2vector"}, {"name": "a", "type": "int2vector[]"}]
+    assert r.body["rows"] == [{"v": [1, 2], "a": [[1, 2]]}]
+
+
+async def test_a_float_text_past_double_range_is_refused(api: Api) -> None:
+    r = await api.query("SELECT $1::float8 AS f", "1e400", key=KEY_B)
+    assert r.status == 400 and "out of range" in r.body["error"]["message"], r.body
+    r = await api.query("SELECT $1::float8 AS f", "-Infinity", key=KEY_B)
+    assert r.status == 200, r.body
