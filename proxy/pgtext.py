@@ -64,6 +64,8 @@ def to_text(value: Any, typename: str = "") -> str | None:
     if isinstance(value, orjson.Fragment):
         return orjson.dumps(value).decode()
     if isinstance(value, (bytes, bytearray, memoryview)):
+        if typename == "char":  # PostgreSQL's one-byte "char", which asyncpg reads as bytes
+            return "".join(chr(b) if b < 128 else f"\\{b:03o}" for b in bytes(value)[:1] if b)
         return "\\x" + bytes(value).hex()
     if isinstance(value, dt.datetime):
         return _timestamp_text(value)

@@ -121,6 +121,7 @@ _TEXT_CASES = [
     "'1 2'::int2vector", "''::int2vector", "'26 27'::oidvector", "ARRAY['1 2'::int2vector]",
     "'{[1,3), [5,7)}'::int4multirange", "'{}'::int4multirange", "ARRAY['{[1,2)}'::int4multirange]",
     "ARRAY['((1,1),(0,0))'::box, '((3,3),(2,2))'::box]", "'16/B374D848'::pg_lsn",
+    "'a'::\"char\"", "''::\"char\"", "'\\351'::\"char\"",
 ]
 
 

@@ -178,3 +178,13 @@ async def test_a_float_text_past_double_range_is_refused(api: Api) -> None:
     assert r.status == 400 and "out of range" in r.body["error"]["message"], r.body
     r = await api.query("SELECT $1::float8 AS f", "-Infinity", key=KEY_B)
     assert r.status == 200, r.body
+
+
+async def test_geometric_and_range_parameters_pass_as_text_with_a_cast(api: Api) -> None:
+    """docs/api.md: the driver wants its own objects for these types; text and a cast work."""
+    r = await api.query("SELECT $1::text::point AS p, $2::text::int4range AS r, $3::text::varbit AS b",
+                        "(1.5,2)", "[1,5)", "1010", key=KEY_B, row_format="array")
+    assert r.status == 200, r.body
+    assert r.body["rows"] == [["(1.5,2)", {"lower": 1, "upper": 5, "lower_inc": True, "upper_inc": False}, "1010"]]
+    r = await api.query("SELECT $1::point AS p", "(1.5,2)", key=KEY_B)
+    assert r.status == 400 and r.code == "invalid_request", r.body
