@@ -60,15 +60,11 @@ class UndecodableValue(Exception):
     9999 or before 1 AD, a time of 24:00, a ROW(...) element it has no decoder for)."""
 
 
-async def _execute(call: Any, *args: Any) -> Any:
-    """A protocol call that reads rows: a value the driver's decoders refuse is
-    ``UndecodableValue``, not an error that passes for a bug of the gateway's."""
-    try:
-        return await call(*args)
-    except asyncpg.InterfaceError:
-        raise  # the driver's own errors, a parameter it could not encode among them
-    except (ValueError, OverflowError) as exc:  # UnicodeDecodeError is a ValueError
-        raise UndecodableValue(str(exc)) from None
+def _undecodable(exc: ValueError | OverflowError) -> BaseException:
+    """For a protocol call that reads rows: a value the driver's decoders refuse is
+    ``UndecodableValue``, not an error that passes for a bug of the gateway's (the
+    driver's own errors, a parameter it could not encode among them, stay as they are)."""
+    return exc if isinstance(exc, asyncpg.InterfaceError) else UndecodableValue(str(exc))
 
 
 _BIND_EXECUTE = (b"B" + struct.pack("!i", 4 + 2 + 6) + b"\0\0" + b"\0\0" * 3
@@ -141,19 +137,21 @@ async def run_statement(conn: asyncpg.Connection, st: Statement, timeout: float,
     first = sink.threshold + 1 if streaming and sink is not None else max_rows + 1
     writer = getattr(conn, "gateway_writer", None) if commit is not None and columns and not streaming else None
     committed = False
-    if writer is None:
-        rows, status, done = await _execute(protocol.bind_execute, state, params, portal, first, True, timeout)
-    else:
-        writer.before_sync = commit
-        try:
-            rows, status, done = await _execute(protocol.bind_execute, state, params, portal, first, True,
-                                                timeout)
-        finally:
-            sent = writer.before_sync is None
-            writer.before_sync = None
-        # The last CommandComplete is the COMMIT's (anything else: db.py finds the transaction
-        # ended without its COMMIT, and refuses the result).
-        committed = sent and status == b"COMMIT"
+    try:
+        if writer is None:
+            rows, status, done = await protocol.bind_execute(state, params, portal, first, True, timeout)
+        else:
+            writer.before_sync = commit
+            try:
+                rows, status, done = await protocol.bind_execute(state, params, portal, first, True, timeout)
+            finally:
+                sent = writer.before_sync is None
+                writer.before_sync = None
+            # The last CommandComplete is the COMMIT's (anything else: db.py finds the
+            # transaction ended without its COMMIT, and refuses the result).
+            committed = sent and status == b"COMMIT"
+    except (ValueError, OverflowError) as exc:  # UnicodeDecodeError is a ValueError
+        raise _undecodable(exc) from None
     if streaming and sink is not None and len(rows) > sink.threshold:
         return await _streamed(protocol, state, portal, rows, st, columns, oids, timeout, max_rows, sink)
     truncated = len(rows) > max_rows
@@ -189,7 +187,10 @@ async def _streamed(protocol: Any, state: Any, portal: str, rows: list[asyncpg.R
         if done:
             break
         want = 1 if sent == max_rows else min(sink.batch_rows, max_rows - sent + 1)
-        rows, _, done = await _execute(protocol.execute, state, portal, want, True, timeout)
+        try:
+            rows, _, done = await protocol.execute(state, portal, want, True, timeout)
+        except (ValueError, OverflowError) as exc:
+            raise _undecodable(exc) from None
         if sent == max_rows:
             truncated = bool(rows)
             break
