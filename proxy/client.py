@@ -66,7 +66,7 @@ _CODES = ("unauthenticated", "tenant_required", "tenant_forbidden", "tenant_susp
           "not_found", "method_not_allowed", "payload_too_large", "request_timeout", "statement_rejected",
           "rls_violation", "conflict", "idempotency_in_progress", "idempotency_key_reused", "serialization_failure",
           "deadlock_detected", "statement_timeout", "pool_timeout", "rate_limited", "concurrency_limited",
-          "database_unavailable", "tenant_moving", "sql_error", "internal")
+          "database_unavailable", "transaction_outcome_unknown", "tenant_moving", "sql_error", "internal")
 ERRORS: dict[str, type[GatewayError]] = {code: _error_class(code) for code in _CODES}
 Unauthenticated = ERRORS["unauthenticated"]
 StatementRejected = ERRORS["statement_rejected"]
@@ -74,6 +74,7 @@ RlsViolation = ERRORS["rls_violation"]
 Conflict = ERRORS["conflict"]
 RateLimited = ERRORS["rate_limited"]
 DatabaseUnavailable = ERRORS["database_unavailable"]
+OutcomeUnknown = ERRORS["transaction_outcome_unknown"]
 SqlError = ERRORS["sql_error"]
 
 
@@ -142,7 +143,10 @@ class AsyncClient:
             try:
                 return await self._once(path, payload, headers)
             except GatewayError as err:
-                if not (may_retry and err.retryable and attempt < self.retries):
+                # A COMMIT whose outcome is unknown is safe to send again under the same key:
+                # the gateway answers the first run's response if it committed.
+                again = err.retryable or (err.code == "transaction_outcome_unknown" and "Idempotency-Key" in headers)
+                if not (may_retry and again and attempt < self.retries):
                     raise
                 delay = min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * (0.5 + random.random() / 2)
                 await asyncio.sleep(max(delay, err.retry_after_s or 0.0))

@@ -71,6 +71,9 @@ class ServerConfig:
     drain_s: float = 0.0  # on SIGTERM, report not-ready this long before closing the listeners
     stream_threshold_rows: int = 1000  # larger results stream from a server-side cursor
     stream_batch_rows: int = 1000
+    # A streaming client that takes longer than this to accept a batch is cut off: it
+    # would hold a pooled connection in its transaction for as long as it stalls.
+    stream_write_timeout_s: float = 30.0
     body_timeout_s: float = 10.0  # the whole request body must arrive within this
     neon_sql_endpoint: bool = False  # POST /sql speaking Neon's serverless-driver HTTP protocol
 

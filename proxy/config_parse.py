@@ -200,7 +200,7 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
 
     s = r.section(raw, "server", {"host", "port", "admin_host", "admin_port", "max_request_bytes",
                                   "shutdown_timeout_s", "body_timeout_s", "drain_s", "stream_threshold_rows",
-                                  "stream_batch_rows", "neon_sql_endpoint"})
+                                  "stream_batch_rows", "stream_write_timeout_s", "neon_sql_endpoint"})
     server = ServerConfig(
         host=r.str_(s, "host", "server", default="127.0.0.1") or "127.0.0.1",
         port=r.int_(s, "port", "server", 8080, lo=0, hi=65535),
@@ -212,6 +212,7 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
         drain_s=r.number(s, "drain_s", "server", 0.0, lo=0.0),
         stream_threshold_rows=r.int_(s, "stream_threshold_rows", "server", 1000, lo=1),
         stream_batch_rows=r.int_(s, "stream_batch_rows", "server", 1000, lo=1),
+        stream_write_timeout_s=r.number(s, "stream_write_timeout_s", "server", 30.0, lo=0.1),
         neon_sql_endpoint=r.bool_(s, "neon_sql_endpoint", "server", False),
     )
     if server.port and server.port == server.admin_port and server.host == server.admin_host:

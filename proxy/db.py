@@ -42,6 +42,7 @@ from .encode import dumps
 from .errors import (
     DATABASE_UNAVAILABLE,
     INVALID_REQUEST,
+    OUTCOME_UNKNOWN,
     POOL_TIMEOUT,
     SQL_ERROR_DATA,
     STATEMENT_REJECTED,
@@ -333,6 +334,7 @@ class Database:
 
     async def _run(self, conn: asyncpg.Connection, writer: SplicingTransport | None, tx: TxRequest, sql: _TxSql,
                    client_timeout: float) -> Outcome:
+        committing = False  # a read-write transaction's COMMIT is on its way
         try:
             if tx.claim is None and not tx.statements:
                 await conn.execute(sql.prefix, timeout=client_timeout)
@@ -375,10 +377,14 @@ class Database:
                 assert tx.render is not None
                 body = tx.render(results)
                 await conn.execute(idempotency.STORE_SQL, tx.claim.key, 200, body, timeout=client_timeout)
+            committing = True
             await conn.execute(sql.commit, timeout=client_timeout)
             conn.set_gateway_tx_open(False)
             return Outcome(results=results, body=body)
         except asyncpg.PostgresError as exc:
+            if committing and _connection_lost(exc):
+                _terminate(conn)
+                raise _outcome_unknown() from None
             await _rollback(conn)
             if _tripped_wall(exc):
                 _terminate(conn)
@@ -392,13 +398,17 @@ class Database:
             raise
         except TimeoutError:
             _terminate(conn)
+            if committing:
+                raise _outcome_unknown() from None
             raise ApiError(STATEMENT_TIMEOUT, "statement cancelled: it ran past its time limit") from None
         except (asyncpg.UnsupportedClientFeatureError, asyncpg.InternalClientError) as exc:
-            # Raised while decoding a result (a composite element of a type asyncpg has no
-            # decoder for): the connection's protocol state is unknown.
-            _terminate(conn)
+            _terminate(conn)  # the connection's protocol state is unknown
             if isinstance(exc, asyncpg.InternalClientError) and not str(exc).startswith("no decoder"):
-                raise
+                # A message nobody asked for took the protocol over between two steps
+                # (PgBouncer passing on the FATAL of a backend that was terminated).
+                raise (_outcome_unknown() if committing else _unavailable(exc)) from None
+            # Raised while decoding a result (a composite element of a type asyncpg has
+            # no decoder for).
             raise ApiError(SQL_ERROR_DATA, "the result holds a value of a type the gateway cannot return; "
                            "select its fields instead, or cast it to text") from None
         except UndecodableValue as exc:
@@ -407,7 +417,7 @@ class Database:
                            "cast it to text") from None
         except _CONNECTION_ERRORS as exc:
             _terminate(conn)
-            raise _unavailable(exc) from None
+            raise (_outcome_unknown() if committing else _unavailable(exc)) from None
         except asyncio.CancelledError:
             # The client hung up.  asyncpg has sent PostgreSQL a cancel request for the
             # running statement; releasing the connection waits for it, then rolls back.
@@ -495,6 +505,18 @@ async def _rollback(conn: asyncpg.Connection) -> None:
         conn.set_gateway_tx_open(False)
     except (TimeoutError, *_CONNECTION_ERRORS, asyncpg.PostgresError):
         _terminate(conn)
+
+
+def _connection_lost(exc: asyncpg.PostgresError) -> bool:
+    """The server's word that the connection is gone (class 08, or the backend shut down)."""
+    return (exc.sqlstate or "").startswith("08") or exc.sqlstate in ("57P01", "57P02", "57P03")
+
+
+def _outcome_unknown() -> ApiError:
+    log.warning("connection lost during COMMIT: outcome unknown")
+    return ApiError(OUTCOME_UNKNOWN, "the connection to the database was lost while the transaction was "
+                    "committing: it may have committed. Retry only with an Idempotency-Key (a retry then "
+                    "returns the first answer if it did)")
 
 
 def _unavailable(exc: BaseException) -> ApiError:

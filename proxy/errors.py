@@ -52,6 +52,10 @@ POOL_TIMEOUT = ErrorKind("pool_timeout", 503, retryable=True)
 RATE_LIMITED = ErrorKind("rate_limited", 429, retryable=True)
 CONCURRENCY_LIMITED = ErrorKind("concurrency_limited", 503, retryable=True)
 DATABASE_UNAVAILABLE = ErrorKind("database_unavailable", 503, retryable=True)
+# The connection was lost while a read-write transaction's COMMIT was on its way: it may
+# have committed.  Not retryable blindly (a retry could write twice); with an
+# Idempotency-Key a retry replays the answer if it did.
+OUTCOME_UNKNOWN = ErrorKind("transaction_outcome_unknown", 502)
 SQL_ERROR = ErrorKind("sql_error", 400)
 SQL_ERROR_DATA = ErrorKind("sql_error", 422)
 INTERNAL = ErrorKind("internal", 500)

@@ -268,7 +268,7 @@ async def execute(request: web.Request,
                and may_stream(statements[0], opts.max_rows, server.stream_threshold_rows))
     stream = None if not streams else JsonRowStream(
         request, opts.row_format, tenant.limits.max_response_bytes, server.stream_threshold_rows,
-        server.stream_batch_rows)
+        server.stream_batch_rows, server.stream_write_timeout_s)
     tx = TxRequest(tenant_id=tenant.id, statements=statements, read_only=opts.read_only, isolation=opts.isolation,
                    timeout_ms=opts.timeout_ms, max_rows=opts.max_rows, claim=claim, render=encode, sink=stream,
                    deferrable=opts.deferrable, strict_rows=plan.strict_rows)

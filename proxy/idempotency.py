@@ -3,7 +3,9 @@
 The claim, the caller's statements and the stored response share one transaction:
 
 1. ``pg_try_advisory_xact_lock(tenant, key)``: not granted means the same key is being
-   run right now by another request: 409 ``idempotency_in_progress``.
+   run right now by another request: 409 ``idempotency_in_progress``.  So does a key whose
+   first request committed after this one's statement began (its row is in the way of the
+   insert, but not visible yet): a retry replays it.
 2. Insert the key with a hash of the request.  If a committed record exists instead:
    a different hash is 422 ``idempotency_key_reused``; the same hash replays the stored
    status and body without running anything; a record past the retention is reclaimed.
@@ -79,7 +81,12 @@ def decide(claim: Claim, got_lock: bool, claimed: bool, stored_hash: str | None,
     if not got_lock:
         raise ApiError(IDEMPOTENCY_IN_PROGRESS, "a request with this idempotency key is still running",
                        retry_after_s=1)
-    if claimed or expired or stored_hash is None:
+    if not claimed and stored_hash is None:
+        # The insert met a row this statement's snapshot cannot see: a request with the
+        # key committed between the snapshot and the lock.  Running now would run twice.
+        raise ApiError(IDEMPOTENCY_IN_PROGRESS, "a request with this idempotency key has just finished; "
+                       "retry to receive its response", retry_after_s=1)
+    if claimed or expired:
         return None
     if stored_hash != claim.request_hash:
         raise ApiError(IDEMPOTENCY_KEY_REUSED, "this idempotency key was used for a different request")

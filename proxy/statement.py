@@ -53,8 +53,6 @@ class RowSink(Protocol):
         """Take a batch; False stops the stream (the response is as large as allowed)."""
 
 
-# Extended-protocol messages for one parameterless statement, unnamed statement and portal:
-# Parse (no parameter types), Bind (no parameters, default result format), Execute (all rows).
 class UndecodableValue(Exception):
     """The driver could not turn a value of the result into a Python one (a date past
     9999 or before 1 AD, a time of 24:00, a ROW(...) element it has no decoder for)."""
@@ -67,6 +65,8 @@ def _undecodable(exc: ValueError | OverflowError) -> BaseException:
     return exc if isinstance(exc, asyncpg.InterfaceError) else UndecodableValue(str(exc))
 
 
+# Extended-protocol messages for one parameterless statement, unnamed statement and portal:
+# Parse (no parameter types), Bind (no parameters, default result format), Execute (all rows).
 _BIND_EXECUTE = (b"B" + struct.pack("!i", 4 + 2 + 6) + b"\0\0" + b"\0\0" * 3
                  + b"E" + struct.pack("!i", 4 + 1 + 4) + b"\0" + b"\0\0\0\0")
 

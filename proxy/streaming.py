@@ -5,11 +5,14 @@ The body has the same shape as a whole /v1/query result, with `row_count` and
 of rows, whatever the result size; `max_rows` and the tenant's `max_response_bytes`
 still apply (`"truncated": true` when either stops the stream).  A failure after the
 first bytes were sent cannot change the status any more: the connection is closed, so
-the client sees a truncated body rather than a well-formed lie.
+the client sees a truncated body rather than a well-formed lie.  So does a client that
+stops reading (``write_timeout_s`` per batch): it would otherwise hold a pooled
+connection in its transaction for as long as it stalls.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -25,12 +28,13 @@ class JsonRowStream:
     """A RowSink (see db.py) that writes the response as rows arrive."""
 
     def __init__(self, request: web.Request, row_format: str, max_bytes: int, threshold: int,
-                 batch_rows: int) -> None:
+                 batch_rows: int, write_timeout_s: float = 30.0) -> None:
         self.request = request
         self.row_format = row_format
         self.max_bytes = max_bytes
         self.threshold = threshold
         self.batch_rows = batch_rows
+        self.write_timeout_s = write_timeout_s
         self.response: web.StreamResponse | None = None
         self.written = 0
         self._names: list[str] = []
@@ -80,7 +84,11 @@ class JsonRowStream:
         assert self.response is not None
         self.written += len(data)
         try:
-            await self.response.write(data)
+            async with asyncio.timeout(self.write_timeout_s):
+                await self.response.write(data)
+        except TimeoutError:
+            raise ApiError(CLIENT_CLOSED, f"the client took no data for {self.write_timeout_s:g} s; "
+                           "cut off") from None
         except ConnectionError:
             # The client hung up.  Raised as what it is: an OSError would pass, on its way
             # out through db.py, for the database's connection failing (and a replica

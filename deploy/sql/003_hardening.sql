@@ -52,3 +52,9 @@ GRANT USAGE ON LANGUAGE plpgsql TO app_owner;
 -- its start-up cost.  Also spares drivers from toggling it per session (asyncpg does
 -- that with set_config during type introspection).
 ALTER ROLE app SET jit = off;
+
+-- A backstop for a transaction left open between two of the gateway's steps (a stalled
+-- streaming client is cut off by server.stream_write_timeout_s, 30 s by default; a
+-- gateway frozen mid-request has no such timer): the backend ends it and its session,
+-- and PgBouncer gets a fresh one.  Above every timeout the gateway sets itself.
+ALTER ROLE app SET idle_in_transaction_session_timeout = '5min';

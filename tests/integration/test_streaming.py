@@ -4,6 +4,7 @@ max_response_bytes."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 import orjson
@@ -101,3 +102,33 @@ async def test_a_value_that_cannot_be_returned_mid_stream_cuts_the_connection(ga
             assert wire.count(b"HTTP/1.1") == 1, "a second response was written into the body"
             assert not wire.endswith(b"0\r\n\r\n"), "the body must not look complete"
         assert (await api.query("SELECT 1")).status == 200
+
+
+async def test_a_client_that_stops_reading_is_cut_off_and_frees_its_connection(gateway_with: Any,
+                                                                              admin_db: Any) -> None:
+    """A streaming client that reads the headers and then nothing holds a pooled
+    connection in its transaction: server.stream_write_timeout_s cuts it off.  (The test
+    stack's PgBouncer has one server connection, so everyone else would wait on it.)"""
+    overrides = {"server": {"stream_threshold_rows": 10, "stream_batch_rows": 500, "stream_write_timeout_s": 0.5},
+                 "tenants": {TENANT_A: {"max_rows": 10_000_000, "max_response_bytes": 1 << 40}}}
+    async with gateway_with(**overrides) as api:
+        host, port = api.base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.transport.set_write_buffer_limits(0)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        data = orjson.dumps({"sql": "SELECT g, repeat('x', 500) AS pad FROM generate_series(1, 1000000) g"})
+        writer.write(b"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer test-key-a\r\n" + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        try:
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+            reader._transport.pause_reading()  # and now read nothing more  # type: ignore[attr-defined]
+            r = await asyncio.wait_for(api.query("SELECT 1 AS ok", key=KEY_B), 10)
+            assert r.status == 200 and r.body["rows"] == [{"ok": 1}], r.body
+            stuck = await admin_db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' "
+                                            "AND state = 'idle in transaction'")
+            assert stuck == 0
+            text = (await api.request("GET", "/metrics", key=None, admin=True)).body
+            assert 'code="499"' in text
+        finally:
+            writer.close()

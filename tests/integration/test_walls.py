@@ -373,3 +373,42 @@ def test_connections_over_tls_carry_the_prefix_and_the_commit(tls_stack: Stack) 
     assert encrypted and written == [TENANT_A] and seen == [(1, TENANT_A)]
     encrypted, written, seen = uvloop.run(asyncio.wait_for(run(), 30))
     assert encrypted and written == [TENANT_A] and seen == [(2, TENANT_A)]
+
+
+class _KillingSink:
+    """A RowSink whose first batch has the backend terminated (from outside) while the
+    gateway's transaction sits between two protocol steps: PgBouncer passes the FATAL on
+    unasked, and asyncpg's next step finds its protocol taken."""
+
+    threshold, batch_rows = 5, 5
+
+    def __init__(self, admin: asyncpg.Connection) -> None:
+        self.admin = admin
+        self.killed = False
+
+    async def start(self, columns: list[tuple[str, str]]) -> None:
+        pass
+
+    async def rows(self, rows: list[Any]) -> bool:
+        if not self.killed:
+            self.killed = True
+            await self.admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                     "WHERE usename = 'app' AND state = 'idle in transaction'")
+            await asyncio.sleep(0.2)  # the FATAL arrives while the gateway's protocol is idle
+
+        return True
+
+
+async def test_a_backend_killed_between_two_steps_is_database_unavailable(stack: Stack,
+                                                                         admin_db: asyncpg.Connection) -> None:
+    db = await _database(stack, stack.gateway_dsn)
+    try:
+        sink = _KillingSink(admin_db)
+        tx = _tx("SELECT g FROM generate_series(1, 100) g", read_only=True, max_rows=100, sink=sink)
+        with pytest.raises(ApiError) as failed:
+            await db.run_in_tenant_tx(tx, RequestTrace(endpoint="test"))
+        assert sink.killed and failed.value.kind.code == "database_unavailable", failed.value.message
+        outcome = await db.run_in_tenant_tx(_tx("SELECT 1 AS ok"), RequestTrace(endpoint="test"))
+        assert [tuple(r) for r in outcome.results[0].rows] == [(1,)]  # and the pool recovers
+    finally:
+        await db.close()

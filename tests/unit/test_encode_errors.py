@@ -76,3 +76,18 @@ def test_sqlstate_table() -> None:
     assert from_sqlstate("XX000", "secret detail").message == "the database reported an internal error"
     assert from_sqlstate("40001", "x").kind.retryable and from_sqlstate("40001", "x").retry_after_s == 1
     assert len({(k.code, k.status) for k in ALL_KINDS}) == len(ALL_KINDS)
+
+
+def test_an_idempotency_row_the_snapshot_cannot_see_is_in_progress_not_a_new_run() -> None:
+    """The claim's insert met a row (not claimed) that its statement's snapshot cannot
+    see (no stored hash): the first request committed meanwhile.  Running would run twice."""
+    from proxy import idempotency
+
+    claim = idempotency.Claim(key="k", request_hash="h", retention_s=60)
+    with pytest.raises(ApiError) as err:
+        idempotency.decide(claim, True, False, None, None, None, None)
+    assert err.value.kind.code == "idempotency_in_progress"
+    assert idempotency.decide(claim, True, True, None, None, None, None) is None  # claimed: run
+    replay = idempotency.decide(claim, True, False, "h", 200, b"{}", False)
+    assert replay is not None and replay.body == b"{}"
+    assert idempotency.decide(claim, True, False, "h", 200, b"{}", True) is None  # expired: run again
