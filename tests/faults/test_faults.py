@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import aiohttp
+import asyncpg
 
 from proxy.devstack import LocalStack
 
@@ -204,3 +205,56 @@ async def test_serialization_failure_is_reported_retryable(fault_gateway: Any, f
         assert loser.code == "serialization_failure" and loser.body["error"]["sqlstate"] == "40001"
         assert loser.body["error"]["retryable"] is True and loser.headers["Retry-After"] == "1"
     await assert_no_transaction_left_open(fault_stack)
+
+
+_SLOW_COMMIT = """
+CREATE TABLE IF NOT EXISTS public.slow_commit (tenant_id uuid NOT NULL DEFAULT current_tenant_id(), n int);
+ALTER TABLE public.slow_commit OWNER TO app_owner;
+ALTER TABLE public.slow_commit ENABLE ROW LEVEL SECURITY; ALTER TABLE public.slow_commit FORCE ROW LEVEL SECURITY;
+DROP POLICY IF EXISTS tenant_isolation ON public.slow_commit;
+CREATE POLICY tenant_isolation ON public.slow_commit USING (tenant_id = current_tenant_id())
+  WITH CHECK (tenant_id = current_tenant_id());
+GRANT SELECT, INSERT ON public.slow_commit TO app;
+CREATE OR REPLACE FUNCTION public.slow_commit_sleep() RETURNS trigger LANGUAGE plpgsql
+  AS $$ BEGIN PERFORM pg_sleep(1.5); RETURN NULL; END $$;
+ALTER FUNCTION public.slow_commit_sleep() OWNER TO app_owner;
+DROP TRIGGER IF EXISTS slow_commit_at_commit ON public.slow_commit;
+CREATE CONSTRAINT TRIGGER slow_commit_at_commit AFTER INSERT ON public.slow_commit
+  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION public.slow_commit_sleep();
+"""
+
+
+async def test_a_connection_lost_during_commit_is_outcome_unknown(fault_gateway: Any, fault_stack: LocalStack) -> None:
+    """The COMMIT runs a deferred trigger for 1.5 s; PgBouncer dies meanwhile.  The backend
+    commits anyway: the answer must not be a retryable "nothing happened"."""
+    await _admin_script(fault_stack, _SLOW_COMMIT)
+    async with fault_gateway() as api:
+        loop = asyncio.get_running_loop()
+        write = asyncio.create_task(api.query("INSERT INTO slow_commit (n) VALUES (7) RETURNING n"))
+        await asyncio.sleep(0.7)  # the INSERT is done, the COMMIT sleeps in its trigger
+        await loop.run_in_executor(None, fault_stack.stop_bouncer)
+        try:
+            r = await write
+        finally:
+            await loop.run_in_executor(None, fault_stack.start_bouncer)
+        assert r.status == 502 and r.code == "transaction_outcome_unknown", r.body
+        assert r.body["error"]["retryable"] is False and "Retry-After" not in r.headers
+        await asyncio.sleep(1.5)  # the backend finishes its COMMIT
+        rows = await admin_query(fault_stack, "SELECT count(*) AS n FROM slow_commit WHERE n = 7")
+        assert rows[0]["n"] == 1, "the test meant a COMMIT that went through"
+        # the gateway recovers once PgBouncer is back
+        for _ in range(50):
+            if (await api.query("SELECT 1 AS ok")).status == 200:
+                break
+            await asyncio.sleep(0.2)
+        else:
+            raise AssertionError("the gateway did not recover")
+    await _admin_script(fault_stack, "DROP TABLE slow_commit; DROP FUNCTION slow_commit_sleep()")
+
+
+async def _admin_script(stack: LocalStack, sql: str) -> None:
+    conn = await asyncpg.connect(stack.admin_dsn)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
