@@ -377,7 +377,7 @@ class Database:
                 assert tx.render is not None
                 body = tx.render(results)
                 await conn.execute(idempotency.STORE_SQL, tx.claim.key, 200, body, timeout=client_timeout)
-            committing = True
+            committing = not tx.read_only  # a READ ONLY one wrote nothing, whatever became of it
             await conn.execute(sql.commit, timeout=client_timeout)
             conn.set_gateway_tx_open(False)
             return Outcome(results=results, body=body)
@@ -402,11 +402,24 @@ class Database:
                 raise _outcome_unknown() from None
             raise ApiError(STATEMENT_TIMEOUT, "statement cancelled: it ran past its time limit") from None
         except (asyncpg.UnsupportedClientFeatureError, asyncpg.InternalClientError) as exc:
+            message = str(exc)
+            if message.startswith(("no encoder", "could not resolve query result and/or argument types")):
+                # A type asyncpg can neither send nor look up, found while preparing: the
+                # connection is between two steps, in a clean state.
+                await _rollback(conn)
+                raise ApiError(SQL_ERROR_DATA, "a parameter's or column's type cannot be handled as such; pass "
+                               "text and cast it in the statement ($1::text::the_type), or select it ::text") from None
+            broken = "cannot switch to state" in message or conn.is_closed()
             _terminate(conn)  # the connection's protocol state is unknown
-            if isinstance(exc, asyncpg.InternalClientError) and not str(exc).startswith("no decoder"):
+            if broken:
                 # A message nobody asked for took the protocol over between two steps
                 # (PgBouncer passing on the FATAL of a backend that was terminated).
                 raise (_outcome_unknown() if committing else _unavailable(exc)) from None
+            if isinstance(exc, asyncpg.OutdatedSchemaCacheError):
+                raise ApiError(SQL_ERROR_DATA, "a type the statement uses was altered meanwhile; send it again") \
+                    from None
+            if isinstance(exc, asyncpg.InternalClientError) and not message.startswith("no decoder"):
+                raise  # unexpected: a 500, with the traceback in the log
             # Raised while decoding a result (a composite element of a type asyncpg has
             # no decoder for).
             raise ApiError(SQL_ERROR_DATA, "the result holds a value of a type the gateway cannot return; "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,7 +59,23 @@ class Options:
     deferrable: bool = False
 
 
-_LONG_NUMBER = re.compile(rb"[0-9]{20}")
+_HUGE = float(2 ** 63)
+
+
+def _has_huge_float(value: Any) -> bool:
+    """Whether a parsed body holds a float of 2**63 or more: where orjson may have read an
+    integer too large for 64 bits (it reads those as floats).  Walks the values, not the bytes."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, float):
+            if abs(v) >= _HUGE:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
 
 
 def _no_constant(name: str) -> Any:
@@ -86,10 +101,13 @@ async def _read_json(request: web.Request, max_bytes: int, timeout_s: float) -> 
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ApiError(INVALID_REQUEST, f"the request body is not valid JSON: {exc}") from None
-    if _LONG_NUMBER.search(raw):
+    if _has_huge_float(body):
         # orjson reads an integer past 64 bits as a float, which would change a jsonb,
         # numeric or text parameter silently: such a body is read again, exactly.
-        body = json.loads(raw, parse_constant=_no_constant)
+        try:
+            body = json.loads(raw, parse_constant=_no_constant)
+        except (RecursionError, ValueError) as exc:
+            raise ApiError(INVALID_REQUEST, f"the request body is not valid JSON: {type(exc).__name__}") from None
     if not isinstance(body, dict):
         raise ApiError(INVALID_REQUEST, "the request body must be a JSON object")
     return raw, body
@@ -275,32 +293,37 @@ async def execute(request: web.Request,
     slot_wait = await gw.scheduler.admit(tenant.id, tenant.limits)
     try:
         outcome = await _run(gw.router, tenant, opts, tx, trace)
-    except ApiError as err:
-        if stream is None or stream.response is None:
-            raise
-        trace.error_code = err.kind.code
-        log.log(logging.INFO if err.kind is CLIENT_CLOSED else logging.WARNING, "request %s failed mid-stream: %s",
-                request[REQUEST_ID], err.message)
-        return stream.abort()
-    except Exception:
+        if stream is not None and outcome.results and outcome.results[0].streamed:
+            trace.rows = outcome.results[0].row_count
+            return await stream.finish(outcome.results[0])
+    except Exception as exc:
         if stream is None or stream.response is None:
             raise
         # The 200 went out: an error answer now would be written into the chunked body.
-        trace.error_code = INTERNAL.code
-        log.exception("request %s failed mid-stream", request[REQUEST_ID])
-        return stream.abort()
+        return _cut_stream(stream, request, trace, exc)
     finally:
         gw.scheduler.release(tenant.id)
         trace.wait_s = slot_wait + (trace.wait_s or 0.0)
-    if stream is not None and outcome.results and outcome.results[0].streamed:
-        trace.rows = outcome.results[0].row_count
-        return await stream.finish(outcome.results[0])
     if outcome.replay is not None:
         return web.Response(body=outcome.replay.body, status=outcome.replay.status, content_type="application/json",
                             headers={"Idempotent-Replayed": "true"})
     trace.rows = sum(len(r.rows) for r in outcome.results)
     payload = outcome.body if outcome.body is not None else encode(outcome.results)
     return web.Response(body=payload, content_type="application/json", headers=plan.headers)
+
+
+def _cut_stream(stream: JsonRowStream, request: web.Request, trace: RequestTrace,
+                exc: Exception) -> web.StreamResponse:
+    """After a streamed response's 200: close the connection, so that the client sees a
+    cut-off body, and record why."""
+    if isinstance(exc, ApiError):
+        trace.error_code = exc.kind.code
+        log.log(logging.INFO if exc.kind is CLIENT_CLOSED else logging.WARNING, "request %s failed mid-stream: %s",
+                request[REQUEST_ID], exc.message)
+    else:
+        trace.error_code = INTERNAL.code
+        log.error("request %s failed mid-stream", request[REQUEST_ID], exc_info=exc)
+    return stream.abort()
 
 
 async def _run(router: Router, tenant: Tenant, opts: Options, tx: TxRequest, trace: RequestTrace) -> Outcome:

@@ -137,10 +137,16 @@ def _geometric_text(value: Any) -> str | None:
     return None
 
 
+_FLOAT4_MIN_NORMAL = 1.1754943508222875e-38
+
+
 def float4_shortest(v: float) -> str:
     """The fewest significant digits that read back as the same float4 (as PostgreSQL prints)."""
     exact = struct.pack("<f", v)
-    for precision in range(1, 10):
+    # Six digits first: a float4 carries more than seven, so a value whose shortest form
+    # has six or fewer rounds to exactly that form at six (%g drops the trailing zeros).
+    # Not so a subnormal, which carries fewer.
+    for precision in range(6 if abs(v) >= _FLOAT4_MIN_NORMAL else 1, 10):
         text = f"{v:.{precision}g}"
         try:
             if struct.pack("<f", float(text)) == exact:

@@ -70,7 +70,11 @@ class JsonRowStream:
         assert self.response is not None
         tail = {"row_count": result.row_count, "command": result.command, "truncated": result.truncated}
         await self._write(b"]," + orjson.dumps(tail)[1:])
-        await self.response.write_eof()
+        try:
+            async with asyncio.timeout(self.write_timeout_s):
+                await self.response.write_eof()
+        except (TimeoutError, ConnectionError):
+            raise _client_gone() from None
         return self.response
 
     def abort(self) -> web.StreamResponse:

@@ -188,3 +188,24 @@ async def test_geometric_and_range_parameters_pass_as_text_with_a_cast(api: Api)
     assert r.body["rows"] == [["(1.5,2)", {"lower": 1, "upper": 5, "lower_inc": True, "upper_inc": False}, "1010"]]
     r = await api.query("SELECT $1::point AS p", "(1.5,2)", key=KEY_B)
     assert r.status == 400 and r.code == "invalid_request", r.body
+
+
+async def test_a_parameter_type_the_driver_cannot_send_is_a_clear_error_not_an_outage(api: Api) -> None:
+    """asyncpg has no encoder for some types: a 422 for the caller, not a 503 that would
+    take a replica out of rotation and get retried."""
+    for sql in ("SELECT $1::gtsvector IS NULL AS x", "SELECT $1::pg_brin_bloom_summary IS NULL AS x"):
+        r = await api.query(sql, None, key=KEY_B, read_only=True)
+        assert r.status == 422 and r.code == "sql_error", r.body
+        assert "$1::text::" in r.body["error"]["message"]
+    r = await api.query("SELECT 1 AS ok", key=KEY_B)
+    assert r.status == 200
+
+
+async def test_a_deeply_nested_body_with_a_huge_integer_is_a_400(api: Api) -> None:
+    depth = 980
+    raw = (b'{"sql": "SELECT $1::jsonb AS j", "params": [' + b"[" * depth + b"123456789012345678901234567890"
+           + b"]" * depth + b"]}")
+    r = await api.request("POST", "/v1/query", data=raw, headers={"Content-Type": "application/json"}, key=KEY_B)
+    assert r.status in (200, 400), r.body  # exact, or refused: never a 500
+    if r.status == 400:
+        assert r.code == "invalid_request"

@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestServer
 
 from proxy.errors import CLIENT_CLOSED, ApiError
 from proxy.keys import REQUEST_ID, TRACE
+from proxy.statement import Result
 from proxy.streaming import JsonRowStream
 from proxy.trace import RequestTrace
 
@@ -54,3 +55,30 @@ async def test_a_write_to_a_client_that_is_gone_is_client_closed() -> None:
 
 async def test_a_client_gone_before_the_first_write_is_client_closed() -> None:
     assert await _serve(close_before_start=True) == [CLIENT_CLOSED]
+
+
+async def test_finishing_a_stream_to_a_client_that_is_gone_is_client_closed() -> None:
+    seen: list[Any] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        request[REQUEST_ID] = "test"
+        request[TRACE] = RequestTrace(endpoint="/x")
+        sink = JsonRowStream(request, "array", 1 << 30, 10, 10)
+        await sink.start([("g", "int4")])
+        assert request.transport is not None
+        request.transport.close()
+        try:
+            await sink.finish(Result(columns=[("g", "int4")], rows=[], row_count=0, command="SELECT", truncated=False))
+        except ApiError as exc:
+            seen.append(exc.kind)
+        return sink.abort()
+
+    app = web.Application()
+    app.router.add_post("/x", handler)
+    async with TestServer(app) as server, aiohttp.ClientSession() as http:
+        try:
+            async with http.post(server.make_url("/x")) as r:
+                await r.read()
+        except aiohttp.ClientError:
+            pass
+    assert seen == [CLIENT_CLOSED]
