@@ -344,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        from .db import DATABASE_ERRORS, RoleCanBypassRls
+        from .db import DATABASE_ERRORS
+        from .pgconn import RoleCanBypassRls
 
         if isinstance(exc, RoleCanBypassRls):
             print(f"refusing to start: {exc}", file=sys.stderr)

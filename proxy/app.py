@@ -23,13 +23,14 @@ from aiohttp import web
 from . import __version__, admin, handlers, idempotency, jwks, neon, openapi
 from .auth import Authenticator, KeySource
 from .config import ConfigError, Limits, LoggingConfig, Settings, load_config
-from .db import DATABASE_ERRORS, Database, PoolStats, RoleCanBypassRls, TxRequest
+from .db import DATABASE_ERRORS, Database, PoolStats, TxRequest
 from .errors import CLIENT_CLOSED, ApiError, error_middleware
 from .guard import Guard
 from .jwks import JwksRefresher
 from .keys import GATEWAY, REQUEST_ID, TRACE
 from .limits import Scheduler
 from .metrics import Metrics
+from .pgconn import RoleCanBypassRls
 from .routing import Router
 from .statement import Statement
 from .trace import RequestTrace

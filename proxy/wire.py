@@ -72,7 +72,7 @@ class ConnectVia:
     left in ``writer``.  Either the loop hands it over (``_Adopt``), or asyncpg does, after
     its SSL negotiation (``sslmode`` prefer and up), with what ``create_connection`` or
     ``start_tls`` returned.  asyncpg's protocol keeps this object as its loop (for its
-    timers); the connection gets the real one (``GatewayConnection``)."""
+    timers); the connection gets the real one (``pgconn.GatewayConnection``)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.real_loop = loop

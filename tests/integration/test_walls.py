@@ -14,8 +14,9 @@ import pytest
 import yaml
 
 from proxy.app import start_gateway
-from proxy.db import Database, RoleCanBypassRls, TxRequest, _connected_holder_free, _release, _releases_at_once
+from proxy.db import Database, TxRequest, _connected_holder_free, _release, _releases_at_once
 from proxy.errors import ApiError
+from proxy.pgconn import RoleCanBypassRls
 from proxy.statement import Statement, _prepare, pipelined
 from proxy.trace import RequestTrace
 
