@@ -13,6 +13,7 @@ connection in its transaction for as long as it stalls.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -47,10 +48,7 @@ class JsonRowStream:
                                            "Server-Timing": self.request[TRACE].server_timing()})
         resp.enable_chunked_encoding()
         self.response = resp
-        try:
-            await resp.prepare(self.request)
-        except ConnectionError:
-            raise _client_gone() from None
+        await self._send(resp.prepare(self.request))
         await self._write(b'{"columns":' + orjson.dumps([{"name": n, "type": t} for n, t in columns]) + b',"rows":[')
 
     async def rows(self, rows: list[Any]) -> bool:
@@ -70,11 +68,7 @@ class JsonRowStream:
         assert self.response is not None
         tail = {"row_count": result.row_count, "command": result.command, "truncated": result.truncated}
         await self._write(b"]," + orjson.dumps(tail)[1:])
-        try:
-            async with asyncio.timeout(self.write_timeout_s):
-                await self.response.write_eof()
-        except (TimeoutError, ConnectionError):
-            raise _client_gone() from None
+        await self._send(self.response.write_eof())
         return self.response
 
     def abort(self) -> web.StreamResponse:
@@ -87,18 +81,18 @@ class JsonRowStream:
     async def _write(self, data: bytes) -> None:
         assert self.response is not None
         self.written += len(data)
+        await self._send(self.response.write(data))
+
+    async def _send(self, sending: Awaitable[Any]) -> None:
+        """Anything sent to the client.  A client that hung up, or that takes nothing for
+        ``write_timeout_s``, is ``client_closed_request``: as an OSError it would pass, on
+        its way out through db.py, for the database's connection failing (and a replica
+        serving this read would be taken out of rotation)."""
         try:
             async with asyncio.timeout(self.write_timeout_s):
-                await self.response.write(data)
+                await sending
         except TimeoutError:
             raise ApiError(CLIENT_CLOSED, f"the client took no data for {self.write_timeout_s:g} s; "
                            "cut off") from None
         except ConnectionError:
-            # The client hung up.  Raised as what it is: an OSError would pass, on its way
-            # out through db.py, for the database's connection failing (and a replica
-            # serving this read would be taken out of rotation).
-            raise _client_gone() from None
-
-
-def _client_gone() -> ApiError:
-    return ApiError(CLIENT_CLOSED, "the client closed the connection during the response")
+            raise ApiError(CLIENT_CLOSED, "the client closed the connection during the response") from None
