@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -10,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import orjson
 import pytest
 import pytest_asyncio
 
@@ -134,6 +136,16 @@ class Api:
                     **options: Any) -> Reply:
         return await self.request("POST", "/v1/query", key=key, tenant=tenant,
                                   json={"sql": sql, "params": list(params), **options})
+
+    async def open_raw_query(self, body: dict[str, Any],
+                             key: str = KEY_A) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """POST /v1/query on a bare TCP connection, for tests that control the socket
+        (reading slowly, resetting it): the caller reads the answer and closes it."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.running.port)
+        data = orjson.dumps(body)
+        writer.write(b"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {key}\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+        return reader, writer
 
     async def transaction(self, statements: list[dict[str, Any]], *, key: str | None = KEY_A,
                           tenant: str | None = None, **options: Any) -> Reply:

@@ -78,11 +78,7 @@ async def test_error_mid_stream_cuts_the_connection(gateway_with: Any) -> None:
 
 async def _raw_post(api: Any, body: dict[str, Any]) -> bytes:
     """The bytes on the wire, up to the server closing the connection (10 s at most)."""
-    host, port = api.base.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    data = orjson.dumps(body)
-    writer.write(b"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Authorization: Bearer test-key-a\r\n" + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    reader, writer = await api.open_raw_query(body)
     try:
         return await asyncio.wait_for(reader.read(-1), 10)
     finally:
@@ -112,14 +108,9 @@ async def test_a_client_that_stops_reading_is_cut_off_and_frees_its_connection(g
     overrides = {"server": {"stream_threshold_rows": 10, "stream_batch_rows": 500, "stream_write_timeout_s": 0.5},
                  "tenants": {TENANT_A: {"max_rows": 10_000_000, "max_response_bytes": 1 << 40}}}
     async with gateway_with(**overrides) as api:
-        host, port = api.base.removeprefix("http://").split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
-        writer.transport.set_write_buffer_limits(0)
-        sock = writer.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        data = orjson.dumps({"sql": "SELECT g, repeat('x', 500) AS pad FROM generate_series(1, 1000000) g"})
-        writer.write(b"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Authorization: Bearer test-key-a\r\n" + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        reader, writer = await api.open_raw_query(
+            {"sql": "SELECT g, repeat('x', 500) AS pad FROM generate_series(1, 1000000) g"})
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         try:
             assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
             reader._transport.pause_reading()  # and now read nothing more  # type: ignore[attr-defined]

@@ -9,7 +9,6 @@ import uuid
 from typing import Any
 
 import asyncpg
-import orjson
 
 from proxy.devstack import LocalStack
 from proxy.routing import REPLICA_RETRY_S
@@ -90,11 +89,7 @@ async def test_tenants_go_to_their_cluster(scaled_gateway: Any, primary: LocalSt
 
 async def _hang_up_mid_stream(api: Api, sql: str, **options: Any) -> bytes:
     """POST a streaming read, take the first body bytes, then reset the connection (RST)."""
-    host, port = api.base.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    body = orjson.dumps({"sql": sql, **options})
-    writer.write(b"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 + f"Authorization: Bearer {KEY_A}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    reader, writer = await api.open_raw_query({"sql": sql, **options})
     head = await reader.readuntil(b"\r\n\r\n")
     first = await reader.read(4096)
     sock = writer.get_extra_info("socket")
