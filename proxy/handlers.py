@@ -78,10 +78,6 @@ def _has_huge_float(value: Any) -> bool:
     return False
 
 
-def _no_constant(name: str) -> Any:
-    raise ApiError(INVALID_REQUEST, f"the request body is not valid JSON: {name} is not a JSON value")
-
-
 async def _read_json(request: web.Request, max_bytes: int, timeout_s: float) -> tuple[bytes, dict[str, Any]]:
     if request.content_length is not None and request.content_length > max_bytes:
         raise ApiError(PAYLOAD_TOO_LARGE, f"request body over this tenant's limit of {max_bytes} bytes")
@@ -103,9 +99,10 @@ async def _read_json(request: web.Request, max_bytes: int, timeout_s: float) -> 
         raise ApiError(INVALID_REQUEST, f"the request body is not valid JSON: {exc}") from None
     if _has_huge_float(body):
         # orjson reads an integer past 64 bits as a float, which would change a jsonb,
-        # numeric or text parameter silently: such a body is read again, exactly.
+        # numeric or text parameter silently: such a body is read again, exactly (NaN and
+        # Infinity, which the standard library would take, orjson refused already).
         try:
-            body = json.loads(raw, parse_constant=_no_constant)
+            body = json.loads(raw)
         except (RecursionError, ValueError) as exc:
             raise ApiError(INVALID_REQUEST, f"the request body is not valid JSON: {type(exc).__name__}") from None
     if not isinstance(body, dict):
