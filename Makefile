@@ -9,7 +9,7 @@ NEON_DEPS := tests/neon/node_modules/.package-lock.json
 .PHONY: run test setup system lint bench clean
 
 run: setup
-	$(BIN)/tenant-proxy dev --config config/dev.yaml --dir .dev
+	$(BIN)/tenant-proxy dev --config config/dev.yaml
 
 test: setup
 	$(BIN)/ruff check proxy tests
@@ -48,7 +48,7 @@ lint: setup
 	  -f deploy/compose/docker-compose.yml config -q
 
 clean:
-	rm -rf .dev $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .dev "$${TMPDIR:-/tmp}/pg-tenant-proxy-dev-$$(id -u)" $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
 # Benchmarks (not part of `make test`): each writes its figures to benchmarks/RESULTS.md.
 bench: setup

@@ -250,11 +250,15 @@ def _lifecycle_command(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from .devstack import DEMO_BANNER, LocalStack
+    from .devstack import DEMO_BANNER, LocalStack, StackError, default_dev_dir
 
-    root = Path(args.dir).resolve()
+    root = Path(args.dir).resolve() if args.dir else default_dev_dir()
     stack = LocalStack(root, pg_port=args.pg_port, bouncer_port=args.bouncer_port, pool_size=args.pool_size)
-    stack.start()
+    try:
+        stack.start()
+    except StackError as exc:
+        print(f"dev: {exc}", file=sys.stderr)
+        return 1
     try:
         stack.load_demo()
         settings = _load(args.config)
@@ -324,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dev", help="start a throwaway PostgreSQL + PgBouncer with demo data, then serve")
     p.add_argument("--config", default="config/dev.yaml")
-    p.add_argument("--dir", default=".dev")
+    p.add_argument("--dir", help="where the throwaway cluster lives (default: a directory under the temp dir, "
+                   "kept between runs)")
     p.add_argument("--pg-port", type=int, default=55432)
     p.add_argument("--bouncer-port", type=int, default=6432)
     p.add_argument("--pool-size", type=int, default=20)

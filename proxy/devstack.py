@@ -17,6 +17,7 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,12 @@ SQL_DIR = REPO / "deploy" / "sql"
 DEMO_SQL = REPO / "deploy" / "dev" / "demo.sql"
 PGBOUNCER_INI = REPO / "pgbouncer.ini"
 DATABASE = "appdb"
+
+
+def default_dev_dir() -> Path:
+    """Where ``tenant-proxy dev`` keeps its cluster: outside the checkout, which the
+    ``postgres`` user may not be able to enter, and kept between runs."""
+    return Path(tempfile.gettempdir()) / f"pg-tenant-proxy-dev-{os.getuid()}"
 APP_USER, APP_PASSWORD = "app", "secret"
 SUPERUSER, SUPERUSER_PASSWORD = "postgres", "postgres-dev-only"
 # pgbouncer.ini's auth_user, which runs auth_query; its password is the one auth_file keeps.
@@ -128,8 +135,8 @@ class LocalStack:
             return {}
         return {"user": "postgres", "group": "postgres", "extra_groups": []}
 
-    def _run(self, *cmd: str, env: dict[str, str] | None = None) -> str:
-        proc = subprocess.run(list(cmd), capture_output=True, text=True, env=env, cwd="/",
+    def _run(self, *cmd: str, env: dict[str, str] | None = None, stdin: str | None = None) -> str:
+        proc = subprocess.run(list(cmd), capture_output=True, text=True, env=env, cwd="/", input=stdin,
                               **self._user_kwargs())  # type: ignore[call-overload]
         if proc.returncode != 0:
             raise StackError(f"{Path(cmd[0]).name} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -143,6 +150,12 @@ class LocalStack:
             for path in (self.root, self.run_dir):
                 os.chown(path, pw.pw_uid, pw.pw_gid)
                 path.chmod(0o755)
+            reach = subprocess.run(["test", "-w", str(self.root), "-a", "-x", str(self.root)], cwd="/",
+                                   **self._user_kwargs())  # type: ignore[call-overload]
+            if reach.returncode != 0:
+                raise StackError(f"the postgres user cannot reach {self.root}: a directory above it is closed to "
+                                 f"others (a 0700 home directory?); use a directory under {tempfile.gettempdir()}, "
+                                 "or leave --dir out for the default")
 
     def start(self) -> None:
         self._prepare_dirs()
@@ -207,11 +220,17 @@ log_min_messages = warning
             os.chown(path, pw.pw_uid, pw.pw_gid)
 
     def psql(self, sql: str | None = None, *, file: Path | None = None, database: str = DATABASE) -> str:
-        """Run SQL as the superuser over the local socket."""
+        """Run SQL as the superuser over the local socket.  A file is read here and fed on
+        standard input: psql runs as ``postgres``, which may not enter the checkout (a 0700
+        home directory)."""
         cmd = [str(self.bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(self.run_dir),
                "-p", str(self.pg_port), "-U", SUPERUSER, "-d", database, "-At"]
-        cmd += ["-f", str(file)] if file is not None else ["-c", sql or ""]
-        return self._run(*cmd)
+        if file is None:
+            return self._run(*cmd, "-c", sql or "")
+        try:
+            return self._run(*cmd, "-f", "-", stdin=file.read_text())
+        except StackError as exc:
+            raise StackError(f"{file.name}: {exc}") from None
 
     def _migrate(self) -> None:
         exists = self.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'", database="postgres")
