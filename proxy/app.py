@@ -26,6 +26,7 @@ from .config import ConfigError, Limits, LoggingConfig, Settings, load_config
 from .db import DATABASE_ERRORS, Database, PoolStats, TxRequest
 from .errors import CLIENT_CLOSED, ApiError, error_middleware
 from .guard import Guard
+from .guard_pool import ParseWorkers
 from .jwks import JwksRefresher
 from .keys import GATEWAY, REQUEST_ID, TRACE
 from .limits import Scheduler
@@ -80,6 +81,8 @@ class Gateway:
     idempotent_tenants: dict[str, float] = field(default_factory=dict)
     # Fetches the JWT keys from the identity provider when auth.jwt.jwks_url is set.
     jwks: JwksRefresher | None = None
+    # Parser processes for long statements (the guard's bounded parse).
+    parser: ParseWorkers = field(default_factory=ParseWorkers)
     _closing: set[asyncio.Task[None]] = field(default_factory=set)
     _purger: asyncio.Task[None] | None = None
 
@@ -178,6 +181,7 @@ class Gateway:
         if self.jwks is not None:
             await self.jwks.close()
         await self.router.close()
+        await self.parser.close()
         if self._closing:
             await asyncio.gather(*self._closing)
 

@@ -113,6 +113,9 @@ class TenancyConfig:
     global_tables: tuple[str, ...] = ()
 
 
+MAX_CONCURRENCY_AUTO = -1
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Effective per-tenant limits (defaults merged with the tenant's overrides)."""
@@ -121,7 +124,9 @@ class Limits:
     max_rows: int = 10000
     suspended: bool = False
     pin_metrics: bool = False  # always give this tenant its own metrics label
-    max_concurrency: int = 0   # transactions in flight for the tenant; 0: no cap of its own
+    # transactions in flight for the tenant; 0: no cap of its own; left out: half the
+    # gateway's transaction slots (rounded up), so that one tenant cannot take them all
+    max_concurrency: int = MAX_CONCURRENCY_AUTO
     rate_per_s: float = 0.0    # token bucket refill; 0: no rate limit
     burst: int = 1             # token bucket size (requests)
     queue_timeout_ms: int = 2000
@@ -130,6 +135,14 @@ class Limits:
     cluster: str = DEFAULT_CLUSTER  # where the tenant's data lives (`clusters`)
     max_response_bytes: int = 64 * 1024 * 1024  # a streamed result stops here ("truncated": true)
     moving: bool = False  # set by `tenant-proxy move` through the admin API: writes get 503 tenant_moving
+    max_sql_bytes: int = 256 * 1024  # one statement's text; checked before it is parsed
+    # How long one request may hold its database connection: every statement and the
+    # streaming of its result.  0: the tenant's statement_timeout_ms.
+    transaction_timeout_ms: int = 0
+
+    @property
+    def transaction_timeout_s(self) -> float:
+        return (self.transaction_timeout_ms or self.statement_timeout_ms) / 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +268,7 @@ def redact_dsn(dsn: str) -> str:
 
 LIMIT_KEYS = frozenset({"statement_timeout_ms", "max_rows", "suspended", "pin_metrics", "max_concurrency",
                         "rate_per_s", "burst", "queue_timeout_ms", "max_request_bytes", "weight", "cluster",
-                        "max_response_bytes", "moving"})
+                        "max_response_bytes", "moving", "max_sql_bytes", "transaction_timeout_ms"})
 
 
 def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:

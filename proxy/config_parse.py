@@ -87,7 +87,9 @@ class _Reader:
 
     def int_(self, raw: Mapping[str, Any], key: str, path: str, default: int, lo: int = 0,
              hi: int | None = None) -> int:
-        value = self.expand(raw.get(key, default), f"{path}.{key}")
+        if key not in raw:
+            return default  # may lie outside the bounds a value given must keep (an "unset" marker)
+        value = self.expand(raw[key], f"{path}.{key}")
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -147,6 +149,8 @@ def _limits(r: _Reader, raw: Any, path: str, base: Limits) -> Limits:
         cluster=r.str_(raw, "cluster", path, default=base.cluster) or base.cluster,
         max_response_bytes=r.int_(raw, "max_response_bytes", path, base.max_response_bytes, lo=1024),
         moving=r.bool_(raw, "moving", path, base.moving),
+        max_sql_bytes=r.int_(raw, "max_sql_bytes", path, base.max_sql_bytes, lo=64),
+        transaction_timeout_ms=r.int_(raw, "transaction_timeout_ms", path, base.transaction_timeout_ms, lo=1),
     )
 
 

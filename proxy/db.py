@@ -46,7 +46,7 @@ from .errors import (
     from_sqlstate,
 )
 from .pgconn import GatewayConnection, init_connection, no_reset
-from .statement import Result, RowSink, Statement, UndecodableValue, pipelined, run_statement
+from .statement import Result, RowSink, Statement, UndecodableValue, cap_bytes, pipelined, run_statement
 from .trace import RequestTrace
 from .wire import SplicingTransport, connect
 
@@ -56,6 +56,7 @@ ISOLATION_LEVELS = {"read committed": "READ COMMITTED", "repeatable read": "REPE
                     "serializable": "SERIALIZABLE"}
 # How much longer than statement_timeout the client waits before giving up on the server.
 _CLIENT_TIMEOUT_MARGIN_S = 2.0
+_DEADLINE_MARGIN_S = 0.5
 _CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.ConnectionDoesNotExistError,
                       asyncpg.InterfaceError)
 
@@ -93,6 +94,10 @@ class TxRequest:
     deferrable: bool = False
     # More rows than max_rows fail the transaction (SQLSTATE 54000) instead of being cut off.
     strict_rows: bool = False
+    # The most time the statements (and a streamed result) may hold the connection; 0: no limit.
+    deadline_s: float = 0.0
+    # Rows past about this many bytes are cut off ("truncated"); 0: no limit.
+    max_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -239,19 +244,21 @@ class Database:
     async def _run(self, conn: asyncpg.Connection, writer: SplicingTransport | None, tx: TxRequest, sql: _TxSql,
                    client_timeout: float) -> Outcome:
         committing = False  # a read-write transaction's COMMIT is on its way
+        # One deadline for every statement and the streaming of a result: statement_timeout
+        # is per statement, and a slow reader of a stream holds the connection between
+        # batches.  A little past the tenant's limit, so that a single statement meets
+        # the server's own statement_timeout first (which keeps the connection).
+        deadline = asyncio.timeout(tx.deadline_s + _DEADLINE_MARGIN_S if tx.deadline_s else None)
         try:
             if tx.claim is None and not tx.statements:
                 await conn.execute(sql.prefix, timeout=client_timeout)
             else:
                 # The first thing below is always a Parse+Describe (asyncpg's prepare); the
                 # prefix travels in front of it in the same round trip (and send).
-                if writer is None:
-                    conn._transport.write(sql.prefix_messages)
-                else:
-                    writer.front = sql.prefix_messages
+                _send_ahead(conn, writer, sql.prefix_messages)
                 conn.set_gateway_tx_open(True)
             if tx.claim is not None:
-                replay = await _claim(conn, tx.tenant_id, tx.claim, client_timeout)
+                replay = await _claim(conn, writer, tx.claim, client_timeout)
                 if replay is not None:
                     await _rollback(conn)
                     return Outcome(results=[], replay=replay)
@@ -263,9 +270,12 @@ class Database:
             # SELECT's text cannot prove it writes nothing (owner functions, views).
             tail = sql.commit_messages if tx.claim is None and not tx.strict_rows and tx.read_only else None
             last = len(tx.statements) - 1
-            results = [await run_statement(conn, st, client_timeout, tx.max_rows, tx.sink,
-                                           commit=tail if i == last else None)
-                       for i, st in enumerate(tx.statements)]
+            async with deadline:
+                results = [await run_statement(conn, st, client_timeout, tx.max_rows, tx.sink,
+                                               commit=tail if i == last else None)
+                           for i, st in enumerate(tx.statements)]
+            if tx.max_bytes:
+                cap_bytes(results, tx.max_bytes)
             if results and results[-1].committed:
                 conn.set_gateway_tx_open(False)
                 return Outcome(results=results)
@@ -304,6 +314,9 @@ class Database:
             _terminate(conn)
             if committing:
                 raise _outcome_unknown() from None
+            if deadline.expired():
+                raise ApiError(STATEMENT_TIMEOUT, f"transaction cancelled: it held its connection past the "
+                               f"tenant's limit of {tx.deadline_s:g} s (transaction_timeout_ms)") from None
             raise ApiError(STATEMENT_TIMEOUT, "statement cancelled: it ran past its time limit") from None
         except (asyncpg.UnsupportedClientFeatureError, asyncpg.InternalClientError) as exc:
             message = str(exc)
@@ -344,15 +357,36 @@ class Database:
             raise
 
 
-async def _claim(conn: asyncpg.Connection, tenant_id: str, claim: idempotency.Claim,
+async def _claim(conn: asyncpg.Connection, writer: SplicingTransport | None, claim: idempotency.Claim,
                  timeout: float) -> idempotency.Replay | None:
-    row = await conn.fetchrow(idempotency.CLAIM_SQL, tenant_id, claim.key, claim.request_hash, claim.retention_s,
-                              timeout=timeout)
-    replay = idempotency.decide(claim, row["got"], row["claimed"], row["request_hash"], row["status"],
-                                row["response"], row["expired"])
-    if replay is None and not row["claimed"] and row["request_hash"] is not None:
-        await conn.execute(idempotency.RECLAIM_SQL, claim.key, claim.request_hash, timeout=timeout)
+    """Claim the key: a short lock_timeout for the claim's wait on a running request with
+    the same key, the tenant's own for the caller's statements after it (that SET goes
+    out ahead of the first statement's Parse)."""
+    _send_ahead(conn, writer, _CLAIM_TIMEOUT)
+    try:
+        row = await conn.fetchrow(idempotency.CLAIM_SQL, claim.key, claim.request_hash, claim.retention_s,
+                                  timeout=timeout)
+    except asyncpg.LockNotAvailableError:
+        raise idempotency.in_progress() from None
+    replay = idempotency.decide(claim, row["claimed"], row["request_hash"], row["status"], row["response"],
+                                row["expired"])
+    if replay is None:  # statements follow (a simple-query ROLLBACK must not carry it)
+        _send_ahead(conn, writer, _DEFAULT_LOCK_TIMEOUT)
+        if not row["claimed"] and row["request_hash"] is not None:
+            await conn.execute(idempotency.RECLAIM_SQL, claim.key, claim.request_hash, timeout=timeout)
     return replay
+
+
+_CLAIM_TIMEOUT = pipelined((f"SET LOCAL lock_timeout = {idempotency.CLAIM_LOCK_TIMEOUT_MS}",))
+_DEFAULT_LOCK_TIMEOUT = pipelined(("SET LOCAL lock_timeout TO DEFAULT",))
+
+
+def _send_ahead(conn: asyncpg.Connection, writer: SplicingTransport | None, messages: bytes) -> None:
+    """Messages to travel in front of asyncpg's next Parse (pipelined, statement.py)."""
+    if writer is None:
+        conn._transport.write(messages)
+    else:
+        writer.front = (writer.front or b"") + messages
 
 
 def _connected_holder_free(pool: asyncpg.Pool) -> bool:

@@ -9,6 +9,7 @@ carry other rows' values (a unique violation's DETAIL names the conflicting key)
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -110,12 +111,26 @@ _BY_CLASS: dict[str, ErrorKind] = {
 }
 
 
+_QUOTED = re.compile(r'"(?s:.*)"')
+_BYTES = re.compile(r"0x[0-9a-fA-F]{2}(?: 0x[0-9a-fA-F]{2})*")
+
+
+def withhold_values(message: str) -> str:
+    """A data exception's message without the value it quotes (PostgreSQL puts it in
+    double quotes, ``invalid input syntax for type integer: "..."``, or as bytes,
+    ``0xe2 0x82``): the value may come from a row the caller does not see (RLS checks an
+    ON CONFLICT's conflicting row only after its WHERE ran)."""
+    return _BYTES.sub("0x…", _QUOTED.sub('"…"', message))
+
+
 def from_sqlstate(sqlstate: str | None, message: str) -> ApiError:
     """Map a PostgreSQL error (SQLSTATE + primary message only) to an ApiError."""
     state = sqlstate or ""
     kind = _BY_SQLSTATE.get(state) or _BY_CLASS.get(state[:2], SQL_ERROR_DATA)
     if kind is INTERNAL:
         message = "the database reported an internal error"
+    elif state.startswith("22"):
+        message = withhold_values(message)
     elif kind is STATEMENT_TIMEOUT:
         message = "statement cancelled: it ran past its time limit"
     retry = 1 if kind.retryable else None

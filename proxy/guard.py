@@ -1,11 +1,12 @@
 """Verdicts on caller SQL, from PostgreSQL's own parser (pglast).  Pure; cached by text.
 
-An allow-list: one statement, whose top level is SELECT, INSERT, UPDATE, DELETE, MERGE
-or a plain EXPLAIN of one of those.  Anywhere in the tree, every other statement
-kind is refused (SET/RESET, transaction control, DO, COPY, LISTEN/NOTIFY, PREPARE,
-cursors, LOCK, DDL, CALL unless allow-listed), and so are SELECT INTO, calls to
-functions that change settings, run SQL text, take session-level locks or touch
-server files, any name in ``pg_temp``, and writes to catalog relations.  Names are
+An allow-list: one statement, whose top level is SELECT, INSERT, UPDATE, DELETE or
+MERGE.  Anywhere in the tree, every other statement kind is refused (SET/RESET,
+transaction control, DO, COPY, LISTEN/NOTIFY, PREPARE, cursors, LOCK, DDL, EXPLAIN,
+CALL unless allow-listed), and so are SELECT INTO, calls to functions that change
+settings, run SQL text, take advisory locks, touch server files or show other
+tenants' activity, the activity views, any name in ``pg_temp``, writes to catalog
+relations, and ``ON CONFLICT ... DO UPDATE ... WHERE``.  Names are
 compared after the parser has resolved quoting, unicode escapes and schema
 qualification, so ``"set_config"``, ``pg_catalog.set_config`` and
 ``U&"set\\0063onfig"`` are all the same call.
@@ -13,6 +14,7 @@ qualification, so ``"set_config"``, ``pg_catalog.set_config`` and
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -48,6 +50,10 @@ DENIED_FUNCTIONS = frozenset({
     "ts_stat", "ts_rewrite",
     "pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared",
     "pg_advisory_unlock", "pg_advisory_unlock_shared", "pg_advisory_unlock_all",
+    # each takes a slot of the cluster's shared lock table until the transaction ends:
+    # ~23,000 in one statement leave every other tenant "out of shared memory"
+    "pg_advisory_xact_lock", "pg_advisory_xact_lock_shared", "pg_try_advisory_xact_lock",
+    "pg_try_advisory_xact_lock_shared",
     "pg_read_file", "pg_read_binary_file", "pg_ls_dir", "pg_stat_file", "pg_file_write", "pg_file_rename",
     "pg_file_unlink", "pg_logdir_ls",
     "pg_terminate_backend", "pg_cancel_backend", "pg_reload_conf", "pg_rotate_logfile",
@@ -61,8 +67,24 @@ DENIED_FUNCTIONS = frozenset({
     "pg_ls_logicalmapdir", "pg_ls_replslotdir",
     # session-level values the next tenant on the same backend would read
     "setseed", "lastval", "currval",
+    # every tenant runs as one role: "your own backends" are every tenant's (SQL text,
+    # locks, row counts, sizes), and cluster-wide counters show others' activity; the
+    # size functions also lock every relation they are given
+    "pg_lock_status", "pg_blocking_pids", "pg_safe_snapshot_blocking_pids", "pg_isolation_test_session_is_blocked",
+    "txid_current", "txid_current_if_assigned", "txid_current_snapshot", "txid_status",
+    "pg_current_xact_id", "pg_current_xact_id_if_assigned", "pg_current_snapshot", "pg_xact_status",
+    "pg_current_wal_lsn", "pg_current_wal_insert_lsn", "pg_current_wal_flush_lsn", "pg_last_wal_receive_lsn",
+    "pg_last_wal_replay_lsn", "pg_last_xact_replay_timestamp",
+    "pg_relation_size", "pg_table_size", "pg_total_relation_size", "pg_indexes_size", "pg_database_size",
+    "pg_tablespace_size", "pg_prepared_xact", "pg_get_backend_memory_contexts",
+    "pg_stat_statements", "pg_stat_statements_info",
 })
-DENIED_PREFIXES = ("dblink", "lo_", "pg_ls_", "pg_replication_", "pg_create_", "pg_drop_replication")
+DENIED_PREFIXES = ("dblink", "lo_", "pg_ls_", "pg_replication_", "pg_create_", "pg_drop_replication",
+                   "pg_advisory", "pg_try_advisory", "pg_stat_get_")
+# Views of every tenant's activity (the functions behind them are denied too).
+DENIED_RELATIONS = frozenset({"pg_locks", "pg_prepared_xacts", "pg_backend_memory_contexts", "pg_stat_statements",
+                              "pg_stat_statements_info"})
+DENIED_RELATION_PREFIXES = ("pg_stat_", "pg_statio_")
 _PG_TEMP = re.compile(r"^pg_temp(_\d+)?$")
 _CATALOG_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
 
@@ -114,20 +136,36 @@ class Guard:
         self._deny = (DENIED_FUNCTIONS | cfg.deny_functions) - cfg.allow_functions
         self._allow = cfg.allow_functions
         self._allow_call = cfg.allow_call
-        self._cache: OrderedDict[str, Verdict] = OrderedDict()
+        self._cache: OrderedDict[str | bytes, Verdict] = OrderedDict()
         self._cache_size = cfg.cache_size
 
     def verdict(self, sql: str) -> Verdict:
-        """The (cached) verdict for ``sql``, refused or not."""
-        verdict = self._cache.get(sql)
+        """The (cached) verdict for ``sql``, refused or not, judged here and now: only for
+        texts of up to INLINE_CHARS, which the parser gets through quickly and safely
+        (guard_pool.py judges longer ones in a worker process)."""
+        key = _cache_key(sql)
+        verdict = self._cache.get(key)
         if verdict is None:
-            verdict = self._judge(sql)
-            self._cache[sql] = verdict
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)  # the least recently used
+            verdict = self.judge(sql)
+            self._remember(key, verdict)
         else:
-            self._cache.move_to_end(sql)
+            self._cache.move_to_end(key)
         return verdict
+
+    def cached(self, sql: str) -> Verdict | None:
+        key = _cache_key(sql)
+        verdict = self._cache.get(key)
+        if verdict is not None:
+            self._cache.move_to_end(key)
+        return verdict
+
+    def remember(self, sql: str, verdict: Verdict) -> None:
+        self._remember(_cache_key(sql), verdict)
+
+    def _remember(self, key: str | bytes, verdict: Verdict) -> None:
+        self._cache[key] = verdict
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)  # the least recently used
 
     def check(self, sql: str) -> Verdict:
         """Return the verdict for ``sql``, raising ``statement_rejected`` when it is refused."""
@@ -136,7 +174,8 @@ class Guard:
             raise ApiError(STATEMENT_REJECTED, verdict.rejection)
         return verdict
 
-    def _judge(self, sql: str) -> Verdict:
+    def judge(self, sql: str) -> Verdict:
+        """The verdict for ``sql``, uncached."""
         if "\x00" in sql:
             return Verdict("", "", "the statement contains a NUL character")
         try:
@@ -157,12 +196,10 @@ class Guard:
 
     def _top_level(self, top: Any) -> str:
         if isinstance(top, ast.ExplainStmt):
-            for opt in top.options or ():
-                if opt.defname == "analyze" and _truthy(opt.arg):
-                    raise _Rejected("EXPLAIN ANALYZE is not allowed (it runs the statement)")
-            if not isinstance(top.query, tuple(_TOP_LEVEL)):
-                raise _Rejected(f"EXPLAIN of {_kind(top.query)} is not allowed")
-            return "EXPLAIN"
+            # Its row estimates (and, with COSTS OFF, the plan chosen from them) follow the
+            # planner statistics, which are gathered over every tenant's rows.
+            raise _Rejected("EXPLAIN is not allowed: its estimates come from statistics over every tenant's "
+                            "rows; ask an operator to run it")
         if isinstance(top, ast.CallStmt):
             name = _func_name(top.funccall.funcname)
             if name not in self._allow_call:
@@ -183,6 +220,14 @@ class Guard:
                 raise _Rejected("references to pg_temp are not allowed")
             if node.relpersistence == "t":
                 raise _Rejected("temporary objects are not allowed")
+            if node.schemaname in (None, "pg_catalog") and (
+                    node.relname in DENIED_RELATIONS or node.relname.startswith(DENIED_RELATION_PREFIXES)):
+                raise _Rejected(f"{node.relname} is not allowed: it shows every tenant's activity")
+        elif isinstance(node, ast.OnConflictClause):
+            if node.action == enums.OnConflictAction.ONCONFLICT_UPDATE and node.whereClause is not None:
+                # PostgreSQL evaluates it on the conflicting row before RLS checks that row.
+                raise _Rejected("ON CONFLICT ... DO UPDATE ... WHERE is not allowed: filter in the DO UPDATE's "
+                                "SET (CASE) or in a separate UPDATE")
         elif isinstance(node, (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)):
             rel = node.relation
             if rel.schemaname in _CATALOG_SCHEMAS or (rel.schemaname is None and rel.relname.startswith("pg_")):
@@ -203,14 +248,15 @@ class Guard:
     def _function(self, funcname: Any) -> None:
         self._names(funcname)
         name = _func_name(funcname)
-        if name in self._allow:
-            return
-        if name in self._deny or name.startswith(DENIED_PREFIXES):
+        if self._denied(name):
             raise _Rejected(f"function {name} is not allowed")
 
     def _field(self, part: Any) -> None:
-        if isinstance(part, ast.String) and part.sval in self._deny and part.sval not in self._allow:
+        if isinstance(part, ast.String) and self._denied(part.sval):
             raise _Rejected(f"function {part.sval} is not allowed (called as a field)")
+
+    def _denied(self, name: str) -> bool:
+        return name not in self._allow and (name in self._deny or name.startswith(DENIED_PREFIXES))
 
     @staticmethod
     def _names(names: Any) -> None:
@@ -221,6 +267,21 @@ class Guard:
 
 class _Rejected(Exception):
     pass
+
+
+# Texts up to this long are parsed on the event loop.  Each level of nesting costs at
+# least two characters ("1+", "f("), so such a text nests at most 512 deep: the C parser
+# needs about 400 bytes of stack a level and crashed the process past ~20,000 levels on
+# an 8 MB stack, and the slowest shapes parse at ~25 us a character (25 ms here).
+INLINE_CHARS = 1024
+
+
+def _cache_key(sql: str) -> str | bytes:
+    """Long texts are cached under a digest: the cache holds ``cache_size`` entries
+    whatever the callers send."""
+    if len(sql) <= INLINE_CHARS:
+        return sql
+    return hashlib.blake2b(sql.encode("utf-8", "surrogatepass"), digest_size=20).digest()
 
 
 def _walk(root: Any) -> Iterator[Any]:
@@ -239,18 +300,6 @@ def _walk(root: Any) -> Iterator[Any]:
 
 def _func_name(funcname: Any) -> str:
     return str(funcname[-1].sval)
-
-
-def _truthy(arg: Any) -> bool:
-    if arg is None:
-        return True
-    if isinstance(arg, ast.Boolean):
-        return bool(arg.boolval)
-    if isinstance(arg, ast.Integer):
-        return arg.ival != 0
-    if isinstance(arg, ast.String):
-        return arg.sval.lower() not in ("false", "off", "0", "no")
-    return True
 
 
 _KIND_NAMES = {

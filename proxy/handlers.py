@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
@@ -40,6 +40,9 @@ from .statement import Result, Statement, may_stream
 from .streaming import JsonRowStream
 from .tenancy import Tenant, resolve
 from .trace import RequestTrace
+
+if TYPE_CHECKING:
+    from .app import Gateway
 
 log = logging.getLogger("tenant_proxy")
 
@@ -252,16 +255,41 @@ async def execute(request: web.Request,
     raw, body = await _read_json(request, tenant.limits.max_request_bytes,
                                  rt.settings.server.body_timeout_s)
     plan = plan_for(request, body, tenant.limits)
-    opts = plan.options
+    # Admission first: the guard's parse costs CPU, so a tenant's rate and concurrency
+    # bound its parses too (a long text is parsed off the event loop, guard_pool.py).
+    slot_wait = await gw.scheduler.admit(tenant.id, tenant.limits)
+    try:
+        response = await _admitted(request, gw, tenant, plan, raw, trace)
+    finally:
+        gw.scheduler.release(tenant.id)
+        trace.wait_s = slot_wait + (trace.wait_s or 0.0)
+    return response
+
+
+async def _guarded(gw: Gateway, tenant: Tenant, plan: Plan, trace: RequestTrace) -> list[Statement]:
+    """The plan's statements with the guard's verdicts; refused ones raise."""
+    rt = gw.runtime
     t2 = time.perf_counter()
     statements = []
+    max_sql = tenant.limits.max_sql_bytes
     for sql, params in plan.statements:
-        verdict = rt.guard.verdict(sql)
+        if len(sql) > max_sql // 4 and len(sql.encode("utf-8", "surrogatepass")) > max_sql:
+            raise ApiError(PAYLOAD_TOO_LARGE, f"a statement's text is over this tenant's limit of {max_sql} bytes")
+        verdict = await gw.parser.verdict(rt.guard, rt.settings.guard, sql, tenant.id)
         trace.fingerprint = trace.fingerprint or verdict.fingerprint or None
         if verdict.rejection is not None:
             raise ApiError(STATEMENT_REJECTED, verdict.rejection)
         statements.append(Statement(sql, params, verdict.command, plan.convert, verdict.row_bound(params)))
     trace.guard_s = time.perf_counter() - t2
+    return statements
+
+
+async def _admitted(request: web.Request, gw: Gateway, tenant: Tenant, plan: Plan, raw: bytes,
+                    trace: RequestTrace) -> web.StreamResponse:
+    """Guard, then run the plan in the tenant's transaction and answer."""
+    rt = gw.runtime
+    opts = plan.options
+    statements = await _guarded(gw, tenant, plan, trace)
     if tenant.limits.moving and not opts.read_only:
         # `tenant-proxy move` is copying this tenant to another cluster: reads go on, writes wait.
         raise ApiError(TENANT_MOVING, "this tenant's data is being moved; retry shortly", retry_after_s=2)
@@ -286,8 +314,8 @@ async def execute(request: web.Request,
         server.stream_batch_rows, server.stream_write_timeout_s)
     tx = TxRequest(tenant_id=tenant.id, statements=statements, read_only=opts.read_only, isolation=opts.isolation,
                    timeout_ms=opts.timeout_ms, max_rows=opts.max_rows, claim=claim, render=encode, sink=stream,
-                   deferrable=opts.deferrable, strict_rows=plan.strict_rows)
-    slot_wait = await gw.scheduler.admit(tenant.id, tenant.limits)
+                   deferrable=opts.deferrable, strict_rows=plan.strict_rows,
+                   deadline_s=tenant.limits.transaction_timeout_s, max_bytes=tenant.limits.max_response_bytes)
     try:
         outcome = await _run(gw.router, tenant, opts, tx, trace)
         if stream is not None and outcome.results and outcome.results[0].streamed:
@@ -298,9 +326,6 @@ async def execute(request: web.Request,
             raise
         # The 200 went out: an error answer now would be written into the chunked body.
         return _cut_stream(stream, request, trace, exc)
-    finally:
-        gw.scheduler.release(tenant.id)
-        trace.wait_s = slot_wait + (trace.wait_s or 0.0)
     if outcome.replay is not None:
         return web.Response(body=outcome.replay.body, status=outcome.replay.status, content_type="application/json",
                             headers={"Idempotent-Replayed": "true"})

@@ -2,11 +2,13 @@
 
 The claim, the caller's statements and the stored response share one transaction:
 
-1. ``pg_try_advisory_xact_lock(tenant, key)``: not granted means the same key is being
-   run right now by another request: 409 ``idempotency_in_progress``.  So does a key whose
-   first request committed after this one's statement began (its row is in the way of the
-   insert, but not visible yet): a retry replays it.
-2. Insert the key with a hash of the request.  If a committed record exists instead:
+1. Insert the key with a hash of the request.  A request with the same key still running
+   holds its uncommitted row, and the insert waits for it, up to ``CLAIM_LOCK_TIMEOUT``
+   (``lock_timeout``): then 409 ``idempotency_in_progress``.  So does a key whose first
+   request committed after this one's statement began (its row is in the way of the
+   insert, but not visible yet): a retry replays it.  (Advisory locks, which serialised
+   this before, are closed to the role: they fill the cluster's shared lock table.)
+2. If a committed record exists instead:
    a different hash is 422 ``idempotency_key_reused``; the same hash replays the stored
    status and body without running anything; a record past the retention is reclaimed.
 3. After the statements, the response is stored, then everything commits together.  A
@@ -26,21 +28,19 @@ from .errors import IDEMPOTENCY_IN_PROGRESS, IDEMPOTENCY_KEY_REUSED, INVALID_REQ
 HEADER = "Idempotency-Key"
 _KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
 
+# How long a claim waits for a request with the same key that is still running.
+CLAIM_LOCK_TIMEOUT_MS = 200
 CLAIM_SQL = """
-WITH lock AS (
-  SELECT pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashtext($1), pg_catalog.hashtext($2)) AS got
-), claimed AS (
-  INSERT INTO public.idempotency_keys (key, request_hash)
-  SELECT $2, $3 FROM lock WHERE got
+WITH claimed AS (
+  INSERT INTO public.idempotency_keys (key, request_hash) VALUES ($1, $2)
   ON CONFLICT (tenant_id, key) DO NOTHING
   RETURNING 1
 )
-SELECT (SELECT got FROM lock) AS got,
-       EXISTS (SELECT 1 FROM claimed) AS claimed,
+SELECT EXISTS (SELECT 1 FROM claimed) AS claimed,
        k.request_hash, k.status, k.response,
-       k.created_at < pg_catalog.now() - pg_catalog.make_interval(secs => $4) AS expired
+       k.created_at < pg_catalog.now() - pg_catalog.make_interval(secs => $3) AS expired
 FROM (SELECT 1) one
-LEFT JOIN public.idempotency_keys k ON k.key = $2
+LEFT JOIN public.idempotency_keys k ON k.key = $1
 """
 RECLAIM_SQL = """
 UPDATE public.idempotency_keys SET request_hash = $2, status = NULL, response = NULL, created_at = pg_catalog.now()
@@ -75,12 +75,15 @@ def claim_for(key: str | None, endpoint: str, body: bytes, retention_s: int) -> 
     return Claim(key=key, request_hash=digest, retention_s=retention_s)
 
 
-def decide(claim: Claim, got_lock: bool, claimed: bool, stored_hash: str | None, status: int | None,
+def in_progress() -> ApiError:
+    """The claim waited its lock timeout for a running request with the same key."""
+    return ApiError(IDEMPOTENCY_IN_PROGRESS, "a request with this idempotency key is still running",
+                    retry_after_s=1)
+
+
+def decide(claim: Claim, claimed: bool, stored_hash: str | None, status: int | None,
            response: bytes | None, expired: bool | None) -> Replay | None:
     """What the claim query's answer means: run (None), replay, or refuse."""
-    if not got_lock:
-        raise ApiError(IDEMPOTENCY_IN_PROGRESS, "a request with this idempotency key is still running",
-                       retry_after_s=1)
     if not claimed and stored_hash is None:
         # The insert met a row this statement's snapshot cannot see: a request with the
         # key committed between the snapshot and the lock.  Running now would run twice.

@@ -6,7 +6,8 @@
    ``burst``).  Empty: 429 ``rate_limited`` with ``Retry-After`` (when a token will be
    there).
 2. **Slot**: the gateway lends at most ``slots`` transactions at a time (the pool
-   size), and each tenant at most ``max_concurrency`` of them.  A request that cannot
+   size), and each tenant at most ``max_concurrency`` of them (by default half of them,
+   rounded up: a tenant alone can never take every slot).  A request that cannot
    have one waits in its tenant's FIFO queue.  Freed slots go to the waiting tenants
    in **weighted round-robin** (deficit round-robin, one transaction = one unit,
    quantum = ``weight``), never first-come-first-served, so a tenant with 500 queued
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import Limits
+from .config import MAX_CONCURRENCY_AUTO, Limits
 from .db import PoolStats
 from .errors import CONCURRENCY_LIMITED, POOL_TIMEOUT, RATE_LIMITED, ApiError
 
@@ -108,7 +109,7 @@ class Scheduler:
             self._start(t)
             return 0.0
         # Queued behind its own cap: the tenant's queue timeout.  Behind a full pool: the pool's.
-        capped = _at_cap(t, limits)
+        capped = _at_cap(t, limits, self.slots)
         timeout_s = limits.queue_timeout_ms / 1000 if capped else self.acquire_timeout_s
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
@@ -122,7 +123,7 @@ class Scheduler:
             await future
         except TimeoutError:
             self._forget(tenant, t, future)
-            if capped or _at_cap(t, limits):
+            if capped or _at_cap(t, limits, self.slots):
                 raise ApiError(CONCURRENCY_LIMITED, "too many requests in flight for this tenant",
                                retry_after_s=1) from None
             raise ApiError(POOL_TIMEOUT, "no database slot became free in time", retry_after_s=1) from None
@@ -145,7 +146,7 @@ class Scheduler:
         self._dispatch()
 
     def _can_start(self, t: _Tenant, limits: Limits) -> bool:
-        return self.busy < self.slots and not _at_cap(t, limits)
+        return self.busy < self.slots and not _at_cap(t, limits, self.slots)
 
     def _start(self, t: _Tenant) -> None:
         t.inflight += 1
@@ -170,7 +171,7 @@ class Scheduler:
                 t.deficit = 0.0
                 continue
             future, limits = t.queue[0]
-            if _at_cap(t, limits):
+            if _at_cap(t, limits, self.slots):
                 self._ring.rotate(-1)
                 blocked += 1
                 continue
@@ -196,8 +197,11 @@ def _expire(future: asyncio.Future[None]) -> None:
         future.set_exception(TimeoutError())
 
 
-def _at_cap(t: _Tenant, limits: Limits) -> bool:
-    return 0 < limits.max_concurrency <= t.inflight
+def _at_cap(t: _Tenant, limits: Limits, slots: int) -> bool:
+    cap = limits.max_concurrency
+    if cap == MAX_CONCURRENCY_AUTO:
+        cap = max(1, (slots + 1) // 2)  # the other half stays free for everyone else
+    return 0 < cap <= t.inflight
 
 
 def pool_report(stats: PoolStats, recent: Iterable[tuple[float, float, float]], now: float, window_s: float,

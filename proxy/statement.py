@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import asyncpg
+import orjson
 
 from .encode import convert_params, type_label
 
@@ -210,3 +211,35 @@ def _describe(t: Any) -> tuple[str, str, str | None]:
         # asyncpg names built-in arrays "int4[]" and introspected ones after pg_type ("_my_enum").
         element = t.name[:-2] if t.name.endswith("[]") else t.name.removeprefix("_")
     return t.name, t.kind, element
+
+
+def cap_bytes(results: Sequence[Result], budget: int) -> None:
+    """Cut the rows of ``results`` (not streamed) where their size passes ``budget``
+    bytes, marking each cut result ``truncated``, as a streamed one is cut at the tenant's
+    max_response_bytes.  Sizes are estimates of the encoded JSON (text, bytes and JSON
+    values by their length, anything else a few bytes): they bound the response, and
+    cost a type check per value."""
+    used = 0
+    for result in results:
+        if result.streamed:
+            continue
+        for i, row in enumerate(result.rows):
+            used += _row_size(row)
+            if used > budget:
+                del result.rows[i:]
+                result.truncated = True
+                break
+
+
+def _row_size(row: Any) -> int:
+    size = 0
+    for value in row:
+        if isinstance(value, (str, bytes)):
+            size += len(value) + 8
+        elif isinstance(value, orjson.Fragment):  # json/jsonb: the database's text, which it copies
+            size += len(orjson.dumps(value)) + 8
+        elif isinstance(value, (list, tuple)):
+            size += _row_size(value) + 8
+        else:
+            size += 16
+    return size

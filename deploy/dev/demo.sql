@@ -13,4 +13,4 @@ INSERT INTO public.events (id, tenant_id, event_type, data, created_at) VALUES
    '{"deal": "Doomsday device", "amount": 99000}', '2026-11-02T10:00:00Z'),
   ('b0000000-0000-4000-8000-000000000002', '22222222-2222-4222-8222-222222222222', 'contact.added',
    '{"name": "Hank Scorpio"}', '2026-11-05T11:45:00Z')
-ON CONFLICT (id, created_at) DO NOTHING;
+ON CONFLICT (tenant_id, id, created_at) DO NOTHING;

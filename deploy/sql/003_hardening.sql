@@ -21,6 +21,10 @@ BEGIN
       'cursor_to_xml', 'cursor_to_xmlschema',
       'pg_advisory_lock', 'pg_advisory_lock_shared', 'pg_try_advisory_lock', 'pg_try_advisory_lock_shared',
       'pg_advisory_unlock', 'pg_advisory_unlock_shared', 'pg_advisory_unlock_all',
+      -- transaction-level advisory locks too: each call takes a slot of the cluster's shared
+      -- lock table, and ~23,000 in one statement fill it for every tenant ("out of shared memory")
+      'pg_advisory_xact_lock', 'pg_advisory_xact_lock_shared', 'pg_try_advisory_xact_lock',
+      'pg_try_advisory_xact_lock_shared',
       'pg_terminate_backend', 'pg_cancel_backend', 'pg_notify',
       'lo_open', 'lo_close', 'loread', 'lowrite', 'lo_lseek', 'lo_lseek64', 'lo_creat', 'lo_create',
       'lo_tell', 'lo_tell64', 'lo_truncate', 'lo_truncate64', 'lo_unlink', 'lo_import', 'lo_export',
@@ -58,3 +62,46 @@ ALTER ROLE app SET jit = off;
 -- gateway frozen mid-request has no such timer): the backend ends it and its session,
 -- and PgBouncer gets a fresh one.  Above every timeout the gateway sets itself.
 ALTER ROLE app SET idle_in_transaction_session_timeout = '5min';
+
+-- Activity across tenants.  Every tenant's transactions run as this one role, so a view
+-- that shows "your own role's" backends shows every tenant's SQL text with its literals
+-- (pg_stat_activity, and the pool wall's query with the last tenant's id), locks
+-- (pg_locks), per-table activity and row counts (pg_stat_*/pg_statio_*), sizes, and
+-- cluster-wide counters (transaction ids, WAL positions).  The views call these functions
+-- with the caller's privileges, so revoking the functions closes the views too.  Monitoring
+-- keeps them through pg_monitor (postgres_exporter's usual role).  Keep this list in step
+-- with proxy/audit.py ACTIVITY_FUNCTIONS.
+DO $$
+DECLARE f regprocedure;
+BEGIN
+  FOR f IN
+    SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
+    WHERE p.pronamespace = 'pg_catalog'::regnamespace AND (
+      p.proname LIKE 'pg\_stat\_get\_%' OR p.proname = ANY (ARRAY[
+        'pg_lock_status', 'pg_blocking_pids', 'pg_safe_snapshot_blocking_pids', 'pg_isolation_test_session_is_blocked',
+        'txid_current', 'txid_current_if_assigned', 'txid_current_snapshot', 'txid_status',
+        'pg_current_xact_id', 'pg_current_xact_id_if_assigned', 'pg_current_snapshot', 'pg_xact_status',
+        'pg_current_wal_lsn', 'pg_current_wal_insert_lsn', 'pg_current_wal_flush_lsn', 'pg_last_wal_receive_lsn',
+        'pg_last_wal_replay_lsn', 'pg_last_xact_replay_timestamp',
+        'pg_relation_size', 'pg_table_size', 'pg_total_relation_size', 'pg_indexes_size', 'pg_database_size',
+        'pg_tablespace_size', 'pg_prepared_xact', 'pg_get_backend_memory_contexts',
+        'pg_stat_statements', 'pg_stat_statements_info']))
+  LOOP
+    EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO pg_monitor', f);
+  END LOOP;
+END
+$$;
+-- Resources every tenant shares, bounded for the one role that runs them all (the gateway
+-- also bounds time: statement_timeout per statement, a deadline per transaction):
+--   temp_file_limit   one sort or hash spilling to disk stops at 1 GB (it wrote 808 MB in 5 s)
+--   work_mem          memory per sort/hash node before it spills (the default, made explicit)
+--   max_parallel_workers_per_gather  parallel workers come from one cluster-wide pool
+--                     (max_parallel_workers): one tenant's scans could take them all
+--   lock_timeout      a statement waiting on a lock gives up rather than holding its slot
+-- No setting bounds one backend's memory as a whole (a string_agg of a large table grows to
+-- the 1 GB value limit): docs/security.md lists it as a residual risk.
+ALTER ROLE app SET temp_file_limit = '1GB';
+ALTER ROLE app SET work_mem = '4MB';
+ALTER ROLE app SET max_parallel_workers_per_gather = 0;
+ALTER ROLE app SET lock_timeout = '10s';

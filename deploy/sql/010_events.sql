@@ -7,7 +7,10 @@
 --   5. partitioned by month on created_at, partitions made ahead and retired by pg_partman
 --      (005_partitions.sql); its event trigger gives every partition the parent's RLS
 --      settings and policies.  The partition key must be part of every unique
---      constraint, so the primary key is (id, created_at).
+--      constraint,
+--   6. every primary and unique key starts with tenant_id: (tenant_id, id, created_at).
+--      INSERT ... ON CONFLICT evaluates its DO UPDATE ... WHERE on the conflicting row before
+--      RLS checks it, so a key another tenant's row can collide with reads that row.
 
 -- A database from before partitioning has a plain events table: carry its rows over to
 -- the partitioned one (dev and test databases; production migrates with pg_partman's
@@ -28,9 +31,20 @@ CREATE TABLE IF NOT EXISTS public.events (
   data        jsonb NOT NULL,
   metadata    jsonb,
   created_at  timestamptz NOT NULL DEFAULT now(),
-  PRIMARY KEY (id, created_at)
+  PRIMARY KEY (tenant_id, id, created_at)
 ) PARTITION BY RANGE (created_at);
 ALTER TABLE public.events OWNER TO app_owner;
+-- A database from before the key included tenant_id.
+DO $$
+BEGIN
+  IF (SELECT a.attname FROM pg_catalog.pg_index i
+        JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+       WHERE i.indrelid = 'public.events'::regclass AND i.indisprimary) <> 'tenant_id' THEN
+    ALTER TABLE public.events DROP CONSTRAINT events_pkey;
+    ALTER TABLE public.events ADD PRIMARY KEY (tenant_id, id, created_at);
+  END IF;
+END
+$$;
 
 CREATE INDEX IF NOT EXISTS idx_events_tenant_type ON public.events (tenant_id, event_type);
 CREATE INDEX IF NOT EXISTS idx_events_tenant_created ON public.events (tenant_id, created_at);

@@ -139,7 +139,9 @@ async def test_a_hang_up_on_a_frozen_backend_frees_its_connection_in_time(fault_
 
 async def test_pool_exhausted_gives_pool_timeout_and_admin_stays_up(fault_gateway: Any,
                                                                    fault_stack: LocalStack) -> None:
-    async with fault_gateway(database={"pool_min_size": 2, "pool_max_size": 2, "acquire_timeout_ms": 300}) as api:
+    # max_concurrency 0: tenant A may take every slot (by default it gets half of them)
+    async with fault_gateway(database={"pool_min_size": 2, "pool_max_size": 2, "acquire_timeout_ms": 300},
+                             defaults={"max_concurrency": 0}) as api:
         slow = [asyncio.create_task(api.query("SELECT pg_sleep(1.5)")) for _ in range(2)]
         await asyncio.sleep(0.3)
         started = time.monotonic()

@@ -201,13 +201,26 @@ async def test_payload_too_large(gateway_with: object) -> None:
 
 
 async def test_conflict_strips_detail(api: Api, admin_db: asyncpg.Connection) -> None:
-    # a row key (id, created_at) that belongs to tenant B: the unique violation must not echo B's values
-    b_id, b_at = await admin_db.fetchrow("SELECT id, created_at FROM events WHERE tenant_id = $1 LIMIT 1", TENANT_B)
+    # the unique violation's DETAIL (the key's values) is not passed on
+    a_id, a_at = await admin_db.fetchrow("SELECT id, created_at FROM events WHERE tenant_id = $1 LIMIT 1", TENANT_A)
     r = await api.query("INSERT INTO events (id, event_type, data, created_at) VALUES ($1, 'dup', '{}', $2)",
-                        str(b_id), b_at.isoformat())
+                        str(a_id), a_at.isoformat())
     assert r.status == 409 and r.code == "conflict" and r.body["error"]["sqlstate"] == "23505"
     text = str(r.body)
-    assert str(b_id) not in text and "Key (" not in text and TENANT_B not in text
+    assert str(a_id) not in text and "Key (" not in text and TENANT_A not in text
+
+
+async def test_a_key_of_another_tenants_row_is_no_conflict(api: Api, admin_db: asyncpg.Connection) -> None:
+    # every unique key of events starts with tenant_id: B's (id, created_at) is free for A
+    b_id, b_at = await admin_db.fetchrow("SELECT id, created_at FROM events WHERE tenant_id = $1 LIMIT 1", TENANT_B)
+    r = await api.transaction([
+        {"sql": "INSERT INTO events (id, event_type, data, created_at) VALUES ($1, 'same-key', '{}', $2)",
+         "params": [str(b_id), b_at.isoformat()]},
+        {"sql": "SELECT tenant_id::text AS t, event_type FROM events WHERE id = $1", "params": [str(b_id)]},
+        {"sql": "DELETE FROM events WHERE id = $1 AND event_type = 'same-key'", "params": [str(b_id)]}])
+    assert r.status == 200, r.body
+    assert r.body["results"][1]["rows"] == [{"t": TENANT_A, "event_type": "same-key"}]
+    assert await admin_db.fetchval("SELECT count(*) FROM events WHERE id = $1", b_id) == 1
 
 
 async def test_sql_errors(api: Api) -> None:
@@ -231,8 +244,9 @@ async def test_internal_error_has_no_details(api: Api) -> None:
 
 
 async def test_pool_timeout(gateway_with: object) -> None:
+    # max_concurrency 0: the tenant may take the only slot itself (the default cap is half the slots)
     async with gateway_with(database={"pool_min_size": 1, "pool_max_size": 1,  # type: ignore[operator]
-                                      "acquire_timeout_ms": 200}) as api:
+                                      "acquire_timeout_ms": 200}, defaults={"max_concurrency": 0}) as api:
         slow = asyncio.create_task(api.query("SELECT pg_sleep(1.5)"))
         await asyncio.sleep(0.3)
         r = await api.query("SELECT 1")

@@ -56,11 +56,9 @@ SELECT current_setting('app.tenant_id') AS tenant,
        (SELECT coalesce(array_agg(event_type::text ORDER BY event_type), '{}') FROM events
          WHERE event_type ~ '^[ab]-[0-9]$') AS seeded,
        (SELECT count(*) FROM pg_class WHERE relpersistence = 't') AS temp_relations,
-       (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory') AS advisory_locks,
        (SELECT count(*) FROM pg_listening_channels()) AS listening_channels,
        (SELECT count(*) FROM pg_prepared_statements) AS prepared_statements,
        (SELECT count(*) FROM pg_cursors WHERE name <> '') AS cursors,
-       (SELECT count(*) FROM pg_prepared_xacts) AS prepared_xacts,
        (SELECT count(*) FROM pg_largeobject_metadata) AS large_objects
 """
 
@@ -88,8 +86,10 @@ async def assert_victim_isolated(api: Api, attacker_pid: int, victim: str = B) -
     assert row["row_security"] == "on"
     assert row["statement_timeout"] == "5s"
     assert row["events_is_public"] is True, "events resolves to a shadowing relation"
-    state = {k: row[k] for k in ("temp_schema", "temp_relations", "advisory_locks", "listening_channels",
-                                 "prepared_statements", "cursors", "prepared_xacts", "large_objects")}
+    # Advisory locks and prepared transactions are the cluster's, in views closed to the
+    # gateway's role: the autouse fixture checks them as the superuser after each test.
+    state = {k: row[k] for k in ("temp_schema", "temp_relations", "listening_channels",
+                                 "prepared_statements", "cursors", "large_objects")}
     assert state == dict.fromkeys(state, 0), f"attacker state left on the backend: {state}"
 
 
@@ -138,13 +138,19 @@ def assert_refused(r: Reply, expected: frozenset[tuple[int, str]]) -> None:
 
 @pytest_asyncio.fixture(autouse=True)
 async def _reset_backend_after_a_leak(admin_db: asyncpg.Connection) -> AsyncIterator[None]:
-    """Keep one successful attack from failing every later test: if a test left advisory
-    locks or large objects behind, drop them and end the gateway role's backends."""
+    """Fail a test that left advisory locks or prepared transactions of the gateway's role
+    behind (views the role itself may not read), and keep one successful attack from
+    failing every later test: drop what it left and end the gateway role's backends."""
     yield
+    leaked = await admin_db.fetchrow(
+        "SELECT (SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+        "        WHERE l.locktype = 'advisory' AND a.usename = 'app') AS advisory_locks, "
+        "       (SELECT count(*) FROM pg_prepared_xacts) AS prepared_xacts")
     await admin_db.execute("SELECT lo_unlink(oid) FROM pg_largeobject_metadata")
     await admin_db.execute(
         "SELECT pg_terminate_backend(l.pid) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
         "WHERE l.locktype = 'advisory' AND a.usename = 'app'")
+    assert dict(leaked) == {"advisory_locks": 0, "prepared_xacts": 0}, f"attacker state left behind: {dict(leaked)}"
 
 
 async def row_ids(admin_db: asyncpg.Connection) -> dict[str, str]:
@@ -472,13 +478,17 @@ FOREIGN_WRITES = [
                               "SELECT count(*) FROM u", RLS),
     atk("on-conflict-move-own-row-to-b", "INSERT INTO events (id, event_type, data, created_at) "
                                          "VALUES ('<A1_ID>', 'x', '{}', '<A1_AT>') "
-                                         f"ON CONFLICT (id, created_at) DO UPDATE SET tenant_id = '{B}'", RLS),
+                                         f"ON CONFLICT (tenant_id, id, created_at) DO UPDATE SET tenant_id = '{B}'",
+        RLS),
     atk("on-conflict-excluded-b", "INSERT INTO events (id, tenant_id, event_type, data, created_at) "
                                   f"VALUES ('<A1_ID>', '{B}', 'x', '{{}}', '<A1_AT>') "
-                                  "ON CONFLICT (id, created_at) DO UPDATE SET tenant_id = excluded.tenant_id", RLS),
+                                  "ON CONFLICT (tenant_id, id, created_at) "
+                                  "DO UPDATE SET tenant_id = excluded.tenant_id", RLS),
     atk("on-conflict-update-b-row", "INSERT INTO events (id, tenant_id, event_type, data, created_at) "
                                     f"VALUES ('<B1_ID>', '{A}', 'x', '{{}}', '<B1_AT>') "
-                                    "ON CONFLICT (id, created_at) DO UPDATE SET event_type = 'pwned'", RLS),
+                                    "ON CONFLICT (id, created_at) DO UPDATE SET event_type = 'pwned'",
+        # every unique key of events starts with tenant_id: there is none to aim at B's row
+        frozenset({(400, "sql_error")})),
     atk("merge-move-own-row-to-b", "MERGE INTO events e USING (SELECT 'a-1' AS t) s ON e.event_type = s.t "
                                    f"WHEN MATCHED THEN UPDATE SET tenant_id = '{B}'", RLS),
     atk("merge-insert-b", "MERGE INTO events e USING (SELECT 'nope' AS t) s ON e.event_type = s.t "
@@ -538,7 +548,7 @@ TX_ATTACKS = [
         "VALUES ('00000000-0000-4000-8000-0000000000f1', 'tx-up', '{}', '2026-11-01T00:00:00Z')",
         "INSERT INTO events (id, event_type, data, created_at) "
         "VALUES ('00000000-0000-4000-8000-0000000000f1', 'tx-up', '{}', '2026-11-01T00:00:00Z') "
-        f"ON CONFLICT (id, created_at) DO UPDATE SET tenant_id = '{B}'"], RLS),
+        f"ON CONFLICT (tenant_id, id, created_at) DO UPDATE SET tenant_id = '{B}'"], RLS),
 ]
 
 
@@ -726,15 +736,11 @@ async def test_pool_wall_catches_a_tenant_change_left_at_commit(
 # ---------------------------------------------------------------- controls: allowed, and still confined
 
 ALLOWED = [
-    pytest.param("SELECT pg_advisory_xact_lock(1) AS v", id="advisory-xact-lock"),
-    pytest.param("SELECT pg_try_advisory_xact_lock(2) AS v", id="try-advisory-xact-lock"),
-    pytest.param("SELECT pg_advisory_xact_lock_shared(3) AS v", id="advisory-xact-lock-shared"),
     pytest.param("SELECT 'set_config(''app.tenant_id'', ''x'', true)' AS v", id="set-config-in-a-literal"),
     pytest.param(f"SELECT 1 AS v /* ; SET app.tenant_id = '{B}' */", id="set-in-a-comment"),
     pytest.param("SELECT 1 AS set_config", id="column-named-set-config"),
     pytest.param("SELECT current_setting('app.tenant_id') AS v", id="read-own-tenant"),
     pytest.param("SELECT count(*) AS v FROM events WHERE event_type LIKE 'a-%'", id="read-own-rows"),
-    pytest.param("EXPLAIN (ANALYZE false) SELECT * FROM events", id="explain-analyze-false"),
 ]
 
 

@@ -85,9 +85,9 @@ def test_an_idempotency_row_the_snapshot_cannot_see_is_in_progress_not_a_new_run
 
     claim = idempotency.Claim(key="k", request_hash="h", retention_s=60)
     with pytest.raises(ApiError) as err:
-        idempotency.decide(claim, True, False, None, None, None, None)
+        idempotency.decide(claim, False, None, None, None, None)
     assert err.value.kind.code == "idempotency_in_progress"
-    assert idempotency.decide(claim, True, True, None, None, None, None) is None  # claimed: run
-    replay = idempotency.decide(claim, True, False, "h", 200, b"{}", False)
+    assert idempotency.decide(claim, True, None, None, None, None) is None  # claimed: run
+    replay = idempotency.decide(claim, False, "h", 200, b"{}", False)
     assert replay is not None and replay.body == b"{}"
-    assert idempotency.decide(claim, True, False, "h", 200, b"{}", True) is None  # expired: run again
+    assert idempotency.decide(claim, False, "h", 200, b"{}", True) is None  # expired: run again
