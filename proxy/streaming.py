@@ -72,10 +72,12 @@ class JsonRowStream:
         return self.response
 
     def abort(self) -> web.StreamResponse:
-        """After an error mid-stream: cut the connection (the status line is long gone)."""
+        """After an error mid-stream: cut the connection (the status line is long gone).
+        Aborted, not closed: a close waits to send what is buffered, which a client that
+        stopped reading never takes, and the connection would stay open."""
         assert self.response is not None
         if self.request.transport is not None:
-            self.request.transport.close()
+            self.request.transport.abort()
         return self.response
 
     async def _write(self, data: bytes) -> None:
