@@ -27,6 +27,7 @@ from .db import DATABASE_ERRORS, Database, PoolStats, TxRequest
 from .errors import CLIENT_CLOSED, ApiError, error_middleware
 from .guard import Guard
 from .guard_pool import ParseWorkers
+from .head_deadline import GatewayRunner
 from .jwks import JwksRefresher
 from .keys import GATEWAY, REQUEST_ID, TRACE
 from .limits import Scheduler
@@ -335,8 +336,10 @@ async def start_gateway(settings: Settings, config_path: Path | None = None,
                             (admin_app, settings.server.admin_host, settings.server.admin_port)):
         # handler_cancellation: a client that hangs up cancels its request, and with it the
         # statement on the server (the connection is closed, never reused mid-query).
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.server.shutdown_timeout_s,
-                               handler_cancellation=True)
+        # head_timeout: read per connection, so that a reload applies to new connections.
+        runner = GatewayRunner(app, access_log=None, shutdown_timeout=settings.server.shutdown_timeout_s,
+                               handler_cancellation=True, keepalive_timeout=settings.server.keepalive_timeout_s,
+                               head_timeout=lambda: gateway.runtime.settings.server.header_timeout_s)
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()

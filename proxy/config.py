@@ -75,6 +75,11 @@ class ServerConfig:
     # would hold a pooled connection in its transaction for as long as it stalls.
     stream_write_timeout_s: float = 30.0
     body_timeout_s: float = 10.0  # the whole request body must arrive within this
+    # A connection's request head (request line and headers) must arrive within this of its
+    # first byte (of the connection's opening, for the first request), else it is closed.
+    header_timeout_s: float = 10.0
+    # An idle keep-alive connection is closed after this (aiohttp's own default is an hour).
+    keepalive_timeout_s: float = 75.0
     neon_sql_endpoint: bool = False  # POST /sql speaking Neon's serverless-driver HTTP protocol
 
 

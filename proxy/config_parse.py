@@ -203,8 +203,9 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
                     "idempotency", "logging"}, "")
 
     s = r.section(raw, "server", {"host", "port", "admin_host", "admin_port", "max_request_bytes",
-                                  "shutdown_timeout_s", "body_timeout_s", "drain_s", "stream_threshold_rows",
-                                  "stream_batch_rows", "stream_write_timeout_s", "neon_sql_endpoint"})
+                                  "shutdown_timeout_s", "body_timeout_s", "header_timeout_s", "keepalive_timeout_s",
+                                  "drain_s", "stream_threshold_rows", "stream_batch_rows", "stream_write_timeout_s",
+                                  "neon_sql_endpoint"})
     server = ServerConfig(
         host=r.str_(s, "host", "server", default="127.0.0.1") or "127.0.0.1",
         port=r.int_(s, "port", "server", 8080, lo=0, hi=65535),
@@ -213,6 +214,8 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
         max_request_bytes=r.int_(s, "max_request_bytes", "server", 1024 * 1024, lo=1024),
         shutdown_timeout_s=float(r.int_(s, "shutdown_timeout_s", "server", 10, lo=0, hi=3600)),
         body_timeout_s=r.number(s, "body_timeout_s", "server", 10.0, lo=0.1),
+        header_timeout_s=r.number(s, "header_timeout_s", "server", 10.0, lo=0.1),
+        keepalive_timeout_s=r.number(s, "keepalive_timeout_s", "server", 75.0, lo=0.1),
         drain_s=r.number(s, "drain_s", "server", 0.0, lo=0.0),
         stream_threshold_rows=r.int_(s, "stream_threshold_rows", "server", 1000, lo=1),
         stream_batch_rows=r.int_(s, "stream_batch_rows", "server", 1000, lo=1),

@@ -93,6 +93,39 @@ def type_label(name: str, kind: str, element: str | None) -> str:
     return name
 
 
+# PostgreSQL's own limit (MAXDIM): an array parameter nested deeper cannot be sent.
+ARRAY_MAX_DIMENSIONS = 6
+# A JSON value's nesting, for a json/jsonb parameter and for any parameter of /sql.  Real
+# documents nest a few levels, rarely a few dozen; 128 is far above that, below orjson's
+# own limit for serialising a value (254 levels, the parameter's encoder), and keeps every
+# walk over a value far from Python's recursion limit.  PostgreSQL reads deeper JSON (to
+# its max_stack_depth), and a deeper jsonb the database returns is passed through as its
+# own text: the limit is on what a caller sends.
+JSON_MAX_DEPTH = 128
+
+
+def nested_deeper(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests arrays/objects more than ``limit`` levels (a scalar is 0
+    levels, ``[1]`` one).  Iterative, a level at a time, keeping only the containers."""
+    level = [value] if isinstance(value, (list, dict)) else []
+    for _ in range(limit):
+        deeper: list[Any] = []
+        for item in level:
+            deeper += [c for c in (item.values() if isinstance(item, dict) else item) if isinstance(c, (list, dict))]
+        if not deeper:
+            return False
+        level = deeper
+    return bool(level)
+
+
+def check_nesting(params: Sequence[Any], where: str = "") -> None:
+    """Refuse a request whose parameters nest deeper than ``JSON_MAX_DEPTH`` (``where``
+    prefixes the position in the message: ``queries[1].``)."""
+    for i, value in enumerate(params):
+        if isinstance(value, (list, dict)) and nested_deeper(value, JSON_MAX_DEPTH):
+            raise ApiError(INVALID_REQUEST, f"{where}params[{i}] is nested deeper than {JSON_MAX_DEPTH} levels")
+
+
 def _fail(index: int, typename: str, expected: str) -> ApiError:
     return ApiError(INVALID_REQUEST, f"parameter ${index} ({typename}): expected {expected}")
 
@@ -198,6 +231,8 @@ def _char(v: Any) -> bytes:
 
 
 def _json(v: Any) -> Any:
+    if isinstance(v, (list, dict)) and nested_deeper(v, JSON_MAX_DEPTH):
+        raise _OutOfRange(f"nested deeper than {JSON_MAX_DEPTH} levels")
     return v
 
 
@@ -237,12 +272,10 @@ def convert_param(index: int, value: Any, typename: str, kind: str, element: str
     if value is None:
         return None
     if kind == "array":
+        label = type_label(typename, kind, element)
         if not isinstance(value, list):
-            raise _fail(index, type_label(typename, kind, element), "a JSON array")
-        elem = element or ""
-        # a nested list is a dimension more (a multi-dimensional array)
-        return [convert_param(index, v, elem, "array", elem) if isinstance(v, list)
-                else convert_param(index, v, elem, "scalar", None) for v in value]
+            raise _fail(index, label, "a JSON array")
+        return _array(index, value, element or "", label, 1)
     conv = _CONVERTERS.get(typename)
     if conv is None:
         if isinstance(value, (dict, list)):
@@ -255,6 +288,15 @@ def convert_param(index: int, value: Any, typename: str, kind: str, element: str
         raise ApiError(INVALID_REQUEST, f"parameter ${index} ({typename}): {exc}") from None
     except (ValueError, TypeError, OverflowError):
         raise _fail(index, typename, expected) from None
+
+
+def _array(index: int, values: list[Any], element: str, label: str, dimension: int) -> list[Any]:
+    """An array parameter's elements; a nested list is a dimension more."""
+    if dimension > ARRAY_MAX_DIMENSIONS:
+        raise ApiError(INVALID_REQUEST, f"parameter ${index} ({label}): nested deeper than {ARRAY_MAX_DIMENSIONS} "
+                       f"levels (a PostgreSQL array has at most {ARRAY_MAX_DIMENSIONS} dimensions)")
+    return [_array(index, v, element, label, dimension + 1) if isinstance(v, list)
+            else convert_param(index, v, element, "scalar", None) for v in values]
 
 
 def convert_params(values: Sequence[Any], types: Sequence[tuple[str, str, str | None]]) -> list[Any]:

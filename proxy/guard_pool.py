@@ -50,7 +50,7 @@ class _Worker:
     async def start(cls) -> _Worker:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "proxy.guard_worker", stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+            stdout=asyncio.subprocess.PIPE)  # its stderr is the gateway's: a broken install shows there
         return cls(proc)
 
     async def judge(self, request: bytes) -> bytes:
@@ -113,7 +113,8 @@ class ParseWorkers:
                 async with asyncio.timeout(PARSE_TIMEOUT_S):
                     answer = await worker.judge(request)
             except (_Died, TimeoutError) as exc:
-                worker.kill()
+                worker.kill()  # a broken install would die too: its stderr, the gateway's, says so
+                await worker.proc.wait()
                 self.crashes += 1
                 log.warning("the SQL parser %s on a %d-character statement; refused",
                             "crashed" if isinstance(exc, _Died) else "timed out", len(sql))

@@ -22,7 +22,7 @@ from aiohttp import web
 from . import idempotency, jwks
 from .config import Limits
 from .db import ISOLATION_LEVELS, Outcome, TxRequest
-from .encode import dumps
+from .encode import check_nesting, dumps
 from .errors import (
     CLIENT_CLOSED,
     DATABASE_UNAVAILABLE,
@@ -177,6 +177,7 @@ def statement_parts(item: Mapping[str, Any], where: str, sql_key: str = "sql") -
     params = item.get("params", [])
     if not isinstance(params, list):
         raise ApiError(INVALID_REQUEST, f"{where}params must be an array")
+    check_nesting(params, where)  # before admission and the database, not deep in a conversion
     return sql, params
 
 

@@ -37,6 +37,7 @@ from aiohttp import web
 
 from . import handlers
 from .config import Limits
+from .encode import check_nesting
 from .errors import INVALID_REQUEST, NOT_FOUND, ApiError, error_body
 from .handlers import MAX_STATEMENTS, Plan, statement_parts
 from .keys import ERROR_RENDERER, GATEWAY
@@ -75,6 +76,8 @@ def _query(item: Any, where: str, default_array_mode: bool) -> NeonQuery:
     unknown = sorted(set(item) - _QUERY_FIELDS)
     if unknown:
         raise ApiError(INVALID_REQUEST, f"unknown field(s) in {where}: {', '.join(unknown)}")
+    if isinstance(item.get("params"), list):  # first: statement_parts' message would say "the request.params"
+        check_nesting(item["params"], "" if where == "the request" else f"{where}.")
     sql, params = statement_parts(item, f"{where}.", sql_key="query")
     array_mode = item.get("arrayMode", default_array_mode)
     if not isinstance(array_mode, bool):

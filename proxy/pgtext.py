@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from .encode import convert_param
+from .encode import ARRAY_MAX_DIMENSIONS, convert_param, dumps
 from .errors import INVALID_REQUEST, ApiError
 
 _ARRAY_SPECIAL = re.compile(r'[{}",\\\s]')
@@ -258,14 +258,16 @@ def to_json(value: Any, typename: str) -> Any:
 
 def json_to_text(value: Any) -> str | None:
     """A JSON parameter as PostgreSQL text, as Neon's endpoint passes it: strings as they
-    are, numbers, booleans and objects as JSON text, arrays as array literals."""
+    are, numbers, booleans and objects as JSON text, arrays as array literals.
+
+    Recursive: the caller bounds the value's nesting (neon.py, ``encode.check_nesting``)."""
     if value is None:
         return None
     if isinstance(value, str):
         return value
     if isinstance(value, list):
         return _json_array_literal(value)
-    return orjson.dumps(value).decode()
+    return dumps(value).decode()  # dumps: an integer past 64 bits too
 
 
 def _json_array_literal(values: list[Any]) -> str:
@@ -276,7 +278,7 @@ def _json_array_literal(values: list[Any]) -> str:
         elif isinstance(v, list):
             parts.append(_json_array_literal(v))
         else:
-            text = v if isinstance(v, str) else orjson.dumps(v).decode()
+            text = v if isinstance(v, str) else dumps(v).decode()
             parts.append('"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"')
     return "{" + ",".join(parts) + "}"
 
@@ -291,15 +293,21 @@ def parse_array(text: str) -> list[Any]:
         if not eq:
             raise ValueError("malformed array literal")
         text = text.strip()
-    values, rest = _parse_array_at(text, 0)
+    values, rest = _parse_array_at(text, 0, 1)
     if text[rest:].strip():
         raise ValueError("junk after the closing brace")
     return values
 
 
-def _parse_array_at(text: str, i: int) -> tuple[list[Any], int]:
+class TooManyDimensions(ValueError):
+    """An array literal nested deeper than PostgreSQL's arrays can be."""
+
+
+def _parse_array_at(text: str, i: int, dimension: int) -> tuple[list[Any], int]:
     if i >= len(text) or text[i] != "{":
         raise ValueError("an array literal starts with {")
+    if dimension > ARRAY_MAX_DIMENSIONS:
+        raise TooManyDimensions
     i += 1
     out: list[Any] = []
     while True:
@@ -310,7 +318,7 @@ def _parse_array_at(text: str, i: int) -> tuple[list[Any], int]:
         if text[i] == "}" and not out:
             return out, i + 1
         if text[i] == "{":
-            item, i = _parse_array_at(text, i)
+            item, i = _parse_array_at(text, i, dimension + 1)
             out.append(item)
         elif text[i] == '"':
             chars, i = [], i + 1
@@ -411,6 +419,11 @@ def param_from_text(index: int, text: str | None, typename: str, kind: str, elem
         if parser is not None:
             return parser[0](text)
         return convert_param(index, text, typename, kind, element)
+    except TooManyDimensions:
+        # as PostgreSQL's array_in words it, with its SQLSTATE (program_limit_exceeded)
+        raise ApiError(INVALID_REQUEST, f"parameter ${index} ({label}): number of array dimensions "
+                       f"({ARRAY_MAX_DIMENSIONS + 1}) exceeds the maximum allowed ({ARRAY_MAX_DIMENSIONS})",
+                       sqlstate="54000") from None
     except (ValueError, TypeError, OverflowError, IndexError):
         expected = _PARSERS[typename][1] if typename in _PARSERS else "a valid array literal"
         raise ApiError(INVALID_REQUEST, f"parameter ${index} ({label}): expected {expected}",

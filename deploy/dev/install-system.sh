@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages the dev/test stack needs when they are missing:
 # PostgreSQL 15 server binaries with pg_partman, PgBouncer, Prometheus (for the
-# metrics tests) and openssl (a test certificate).  Uses apt when run as root; otherwise prints the command to run.
+# metrics tests), openssl (a test certificate) and wrk (the benchmarks).  Uses apt when run as root; otherwise prints the command to run.
 # Safe to run repeatedly: it does nothing when all is there.
 set -euo pipefail
 
@@ -26,6 +26,10 @@ fi
 # Tests scrape the gateway with a real Prometheus and check rules with promtool.
 if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
   missing+=(prometheus)
+fi
+# The load generator of the benchmarks (make bench, benchmarks/ab_gateway.py).
+if ! command -v wrk >/dev/null 2>&1; then
+  missing+=(wrk)
 fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 
