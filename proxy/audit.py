@@ -8,23 +8,27 @@ interface; it never writes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from . import audit_checks
 from .partitions import weaknesses
 
 SEVERITIES = ("fatal", "error", "warning")
 _INVOKER_ON = {"security_invoker=true", "security_invoker=on", "security_invoker=1", "security_invoker=yes"}
 SET_CONFIG = "pg_catalog.set_config(text,text,boolean)"
 # Built-ins the gateway's role must not run (deploy/sql/003_hardening.sql revokes them):
-# they run SQL text past the guard, hold session locks, signal backends, reach the
-# shared large objects, or leave session values for the next tenant.
+# they run SQL text past the guard, take advisory locks (a slot of the cluster's shared
+# lock table each), signal backends, reach the shared large objects, or leave session
+# values for the next tenant.
 DANGEROUS_FUNCTIONS = (
     "query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema", "ts_stat", "ts_rewrite",
     "cursor_to_xml", "cursor_to_xmlschema",
     "pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared",
     "pg_advisory_unlock", "pg_advisory_unlock_shared", "pg_advisory_unlock_all",
+    "pg_advisory_xact_lock", "pg_advisory_xact_lock_shared", "pg_try_advisory_xact_lock",
+    "pg_try_advisory_xact_lock_shared",
     "pg_terminate_backend", "pg_cancel_backend", "pg_notify",
     "lo_open", "lo_close", "loread", "lowrite", "lo_lseek", "lo_lseek64", "lo_creat", "lo_create", "lo_tell",
     "lo_tell64", "lo_truncate", "lo_truncate64", "lo_unlink", "lo_import", "lo_export", "lo_from_bytea", "lo_get",
@@ -156,8 +160,19 @@ async def run_audit(conn: Any, *, role: str, schemas: Sequence[str], column: str
     # A partition is held to its parent's settings; the parent to the general rules.
     by_oid = {t["oid"]: t for t in tenant_tables}
     partitions = [(t, by_oid[t["parent"]]) for t in tenant_tables if t["parent"] in by_oid]
-    findings += _table_findings(tenant_tables, policies, {t["oid"] for t, _ in partitions}, role, column, guc)
+    readers = await audit_checks.setting_readers(conn, guc)
+
+    def reads_tenant(expression: str) -> bool:
+        return guc in expression or any(name in readers for name in audit_checks.calls(expression))
+
+    findings += _table_findings(tenant_tables, policies, {t["oid"] for t, _ in partitions}, role, column, guc,
+                                reads_tenant)
     findings += _partition_findings(partitions, policies)
+    findings += [Finding("error", "unique_key_without_tenant", obj, message, fix) for obj, message, fix
+                 in await audit_checks.unique_key_findings(conn, [t["oid"] for t in tenant_tables], column)]
+    findings += [Finding("warning", "role_limit_missing", f"{role} {name}",
+                         f"the role has no {name} of its own: one request may take that much of the cluster", fix)
+                 for name, fix in await audit_checks.missing_role_limits(conn, role)]
     findings += await _view_findings(conn, [t["oid"] for t in tenant_tables], role)
     findings += await _privilege_findings(conn, role)
     order = {s: i for i, s in enumerate(SEVERITIES)}
@@ -165,9 +180,10 @@ async def run_audit(conn: Any, *, role: str, schemas: Sequence[str], column: str
 
 
 def _table_findings(tables: Sequence[Any], policies: dict[int, list[Any]], partitions: set[int], role: str,
-                   column: str, guc: str) -> list[Finding]:
+                   column: str, guc: str, reads_tenant: Callable[[str], bool]) -> list[Finding]:
+    """``reads_tenant``: whether an expression reads the setting, itself or through the
+    SQL and PL/pgSQL functions it calls."""
     findings: list[Finding] = []
-    setting_refs = ("current_tenant_id(", guc)
     for t in tables:
         name = f"{t['nspname']}.{t['relname']}"
         ident = _ident(t["nspname"], t["relname"])
@@ -193,7 +209,7 @@ def _table_findings(tables: Sequence[Any], policies: dict[int, list[Any]], parti
         opens_all = {p["polname"] for p in pols
                      if p["polpermissive"] and (p["qual"] or "").strip() in ("true", "(true)")}
         off_tenant = {p["polname"] for p in pols if not any(
-            ref in e for e in (p["qual"], p["withcheck"]) if e for ref in setting_refs)}
+            reads_tenant(e) for e in (p["qual"], p["withcheck"]) if e)}
         has_good = any(p["polname"] not in opens_all | off_tenant for p in pols)
         for p in pols:
             pname = f"{name} policy {p['polname']}"
@@ -270,6 +286,11 @@ async def _privilege_findings(conn: Any, role: str) -> list[Finding]:
         findings.append(Finding("error", "role_dangerous_function", f["signature"],
                                 f"{role} can execute {f['signature']}",
                                 f"REVOKE EXECUTE ON FUNCTION {f['signature']} FROM PUBLIC, {_ident(role)};"))
+    for signature in await audit_checks.activity_functions(conn, role):
+        findings.append(Finding("error", "role_activity_function", signature,
+                                f"{role} can execute {signature}: every tenant runs as {role}, so it shows "
+                                "every tenant's activity", f"REVOKE EXECUTE ON FUNCTION {signature} FROM PUBLIC, "
+                                f"{_ident(role)}; GRANT EXECUTE ON FUNCTION {signature} TO pg_monitor;"))
     for f in await conn.fetch(_DEFINERS, role):
         fn = f"{f['nspname']}.{f['proname']}({f['args']})"
         findings.append(Finding("warning", "security_definer", fn,

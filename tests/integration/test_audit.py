@@ -74,6 +74,23 @@ WEAKNESSES = [
     ("GRANT EXECUTE ON FUNCTION lo_get(oid) TO app", "error", "role_dangerous_function", "lo_get(oid)"),
     ("CREATE FUNCTION definer() RETURNS int LANGUAGE sql SECURITY DEFINER AS 'SELECT 1'", "warning",
      "security_definer", "public.definer()"),
+    # issue 18: keys another tenant's row can collide with, advisory and activity functions, role limits
+    ("ALTER TABLE events DROP CONSTRAINT events_pkey, ADD PRIMARY KEY (id, created_at)", "error",
+     "unique_key_without_tenant", "public.events constraint events_pkey"),
+    ("ALTER TABLE events ADD CONSTRAINT events_id_key UNIQUE (id, created_at)", "error",
+     "unique_key_without_tenant", "public.events constraint events_id_key"),
+    ("CREATE UNIQUE INDEX events_type_once ON events (event_type, created_at) WHERE data ? 'once'", "error",
+     "unique_key_without_tenant", "public.events index events_type_once"),
+    ("CREATE TABLE keyed (id int PRIMARY KEY, tenant_id uuid NOT NULL); ALTER TABLE keyed ENABLE ROW LEVEL SECURITY;"
+     " ALTER TABLE keyed FORCE ROW LEVEL SECURITY; CREATE POLICY p ON keyed USING (tenant_id = current_tenant_id())"
+     " WITH CHECK (tenant_id = current_tenant_id())", "error", "unique_key_without_tenant",
+     "public.keyed constraint keyed_pkey"),
+    ("GRANT EXECUTE ON FUNCTION pg_advisory_xact_lock(bigint) TO app", "error", "role_dangerous_function",
+     "pg_advisory_xact_lock(bigint)"),
+    ("GRANT EXECUTE ON FUNCTION pg_stat_get_activity(integer) TO PUBLIC", "error", "role_activity_function",
+     "pg_stat_get_activity(integer)"),
+    ("GRANT EXECUTE ON FUNCTION txid_current() TO app", "error", "role_activity_function", "txid_current()"),
+    ("ALTER ROLE app RESET temp_file_limit", "warning", "role_limit_missing", "app temp_file_limit"),
 ]
 
 
@@ -98,6 +115,39 @@ async def test_each_weakness_is_found_and_its_fix_clears_it(stack: Stack, target
     assert audit(stack, "--schema", "elsewhere") == (0, [])
     await target.execute("DROP TABLE plain")
     assert audit(stack) == (0, [])
+    # the fixes are real: the keys start with the tenant column now
+    assert await target.fetchval("SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'events_pkey'") \
+        == "PRIMARY KEY (tenant_id, id, created_at)"
+    assert "(tenant_id, event_type, created_at) WHERE" in await target.fetchval(
+        "SELECT pg_get_indexdef('events_type_once'::regclass)")
+
+
+TENANT_FUNCTIONS = """
+CREATE SCHEMA app_fn;
+CREATE FUNCTION app_fn.tenant() RETURNS uuid LANGUAGE sql STABLE
+  AS $$ SELECT nullif(pg_catalog.current_setting('app.tenant_id', true), '')::uuid $$;
+CREATE FUNCTION app_fn.tenant_pl() RETURNS uuid LANGUAGE plpgsql STABLE
+  AS $$ BEGIN RETURN nullif(pg_catalog.current_setting('app.tenant_id', true), '')::uuid; END $$;
+CREATE FUNCTION app_fn.tenant_via() RETURNS uuid LANGUAGE sql STABLE AS $$ SELECT app_fn.tenant_pl() $$;
+CREATE FUNCTION app_fn.fixed() RETURNS uuid LANGUAGE sql STABLE
+  AS $$ SELECT 'aaaaaaaa-0000-4000-8000-00000000000a'::uuid $$;
+"""
+
+
+@pytest.mark.parametrize(("function", "flagged"), [
+    ("app_fn.tenant()", False), ("app_fn.tenant_pl()", False), ("app_fn.tenant_via()", False),
+    ("app_fn.fixed()", True)])
+async def test_a_policy_reading_the_tenant_through_a_function(stack: Stack, target: asyncpg.Connection,
+                                                              function: str, flagged: bool) -> None:
+    """SQL and PL/pgSQL bodies are followed to the setting (one call deep, and two); a
+    function that does not read it is still a policy that ignores the tenant."""
+    await target.execute(TENANT_FUNCTIONS)
+    await target.execute(f"DROP POLICY tenant_isolation ON events; CREATE POLICY tenant_isolation ON events "
+                         f"USING (tenant_id = {function}) WITH CHECK (tenant_id = {function})")
+    code, findings = audit(stack)
+    found = [f for f in findings if f["check"] == "policy_not_tenant"]
+    assert bool(found) == flagged, findings
+    assert code == (1 if flagged else 0), findings
 
 
 async def test_text_format_and_bad_dsn(stack: Stack, target: asyncpg.Connection) -> None:
