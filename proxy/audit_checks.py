@@ -11,18 +11,8 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-# deploy/sql/003_hardening.sql revokes these from PUBLIC: every tenant runs as one role, so
-# they show every tenant's activity (SQL text, locks, row counts, sizes, cluster counters).
-ACTIVITY_FUNCTIONS = (
-    "pg_lock_status", "pg_blocking_pids", "pg_safe_snapshot_blocking_pids", "pg_isolation_test_session_is_blocked",
-    "txid_current", "txid_current_if_assigned", "txid_current_snapshot", "txid_status",
-    "pg_current_xact_id", "pg_current_xact_id_if_assigned", "pg_current_snapshot", "pg_xact_status",
-    "pg_current_wal_lsn", "pg_current_wal_insert_lsn", "pg_current_wal_flush_lsn", "pg_last_wal_receive_lsn",
-    "pg_last_wal_replay_lsn", "pg_last_xact_replay_timestamp",
-    "pg_relation_size", "pg_table_size", "pg_total_relation_size", "pg_indexes_size", "pg_database_size",
-    "pg_tablespace_size", "pg_prepared_xact", "pg_get_backend_memory_contexts",
-)
-ACTIVITY_PREFIX = "pg_stat_get_"
+from .guard import ACTIVITY_FUNCTIONS
+
 # Role settings that bound what one request can take of the cluster, with the values
 # deploy/sql/003_hardening.sql sets.
 ROLE_LIMITS = {
@@ -126,4 +116,4 @@ async def missing_role_limits(conn: Any, role: str) -> list[tuple[str, str]]:
 
 async def activity_functions(conn: Any, role: str) -> list[str]:
     """Signatures of the activity functions ``role`` can execute."""
-    return [r["signature"] for r in await conn.fetch(_ACTIVITY, list(ACTIVITY_FUNCTIONS), role)]
+    return [r["signature"] for r in await conn.fetch(_ACTIVITY, sorted(ACTIVITY_FUNCTIONS), role)]

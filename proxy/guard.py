@@ -37,6 +37,22 @@ _TOP_LEVEL = {
 # Statement node types that may appear nested (CTEs, subqueries, EXPLAIN's target).
 _NESTED_OK = (ast.SelectStmt, ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
 
+# Every tenant runs as one role: "your own backends" are every tenant's (SQL text, locks,
+# row counts, sizes), and cluster-wide counters show others' activity; the size functions
+# also lock every relation they are given.  deploy/sql/003_hardening.sql revokes the same
+# list (and every pg_stat_get_*) from PUBLIC; the audit reports any the role can run.
+ACTIVITY_FUNCTIONS = frozenset({
+    "pg_lock_status", "pg_blocking_pids", "pg_safe_snapshot_blocking_pids", "pg_isolation_test_session_is_blocked",
+    "txid_current", "txid_current_if_assigned", "txid_current_snapshot", "txid_status",
+    "pg_current_xact_id", "pg_current_xact_id_if_assigned", "pg_current_snapshot", "pg_xact_status",
+    "pg_current_wal_lsn", "pg_current_wal_insert_lsn", "pg_current_wal_flush_lsn", "pg_last_wal_receive_lsn",
+    "pg_last_wal_replay_lsn", "pg_last_xact_replay_timestamp",
+    "pg_relation_size", "pg_table_size", "pg_total_relation_size", "pg_indexes_size", "pg_database_size",
+    "pg_tablespace_size", "pg_prepared_xact", "pg_get_backend_memory_contexts",
+    "pg_stat_statements", "pg_stat_statements_info",
+})
+ACTIVITY_PREFIX = "pg_stat_get_"
+
 # Functions refused by name, whatever their schema: they change settings, run SQL
 # given as text, take locks that outlive the transaction, signal other backends or
 # reach the server's files.
@@ -67,20 +83,9 @@ DENIED_FUNCTIONS = frozenset({
     "pg_ls_logicalmapdir", "pg_ls_replslotdir",
     # session-level values the next tenant on the same backend would read
     "setseed", "lastval", "currval",
-    # every tenant runs as one role: "your own backends" are every tenant's (SQL text,
-    # locks, row counts, sizes), and cluster-wide counters show others' activity; the
-    # size functions also lock every relation they are given
-    "pg_lock_status", "pg_blocking_pids", "pg_safe_snapshot_blocking_pids", "pg_isolation_test_session_is_blocked",
-    "txid_current", "txid_current_if_assigned", "txid_current_snapshot", "txid_status",
-    "pg_current_xact_id", "pg_current_xact_id_if_assigned", "pg_current_snapshot", "pg_xact_status",
-    "pg_current_wal_lsn", "pg_current_wal_insert_lsn", "pg_current_wal_flush_lsn", "pg_last_wal_receive_lsn",
-    "pg_last_wal_replay_lsn", "pg_last_xact_replay_timestamp",
-    "pg_relation_size", "pg_table_size", "pg_total_relation_size", "pg_indexes_size", "pg_database_size",
-    "pg_tablespace_size", "pg_prepared_xact", "pg_get_backend_memory_contexts",
-    "pg_stat_statements", "pg_stat_statements_info",
-})
+}) | ACTIVITY_FUNCTIONS
 DENIED_PREFIXES = ("dblink", "lo_", "pg_ls_", "pg_replication_", "pg_create_", "pg_drop_replication",
-                   "pg_advisory", "pg_try_advisory", "pg_stat_get_")
+                   "pg_advisory", "pg_try_advisory", ACTIVITY_PREFIX)
 # Views of every tenant's activity (the functions behind them are denied too).
 DENIED_RELATIONS = frozenset({"pg_locks", "pg_prepared_xacts", "pg_backend_memory_contexts", "pg_stat_statements",
                               "pg_stat_statements_info"})

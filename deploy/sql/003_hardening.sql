@@ -70,7 +70,8 @@ ALTER ROLE app SET idle_in_transaction_session_timeout = '5min';
 -- cluster-wide counters (transaction ids, WAL positions).  The views call these functions
 -- with the caller's privileges, so revoking the functions closes the views too.  Monitoring
 -- keeps them through pg_monitor (postgres_exporter's usual role).  Keep this list in step
--- with proxy/audit.py ACTIVITY_FUNCTIONS.
+-- with proxy/guard.py ACTIVITY_FUNCTIONS (the guard refuses them, the audit reports them).
+-- tests/unit/test_deploy_files.py checks that they agree.
 DO $$
 DECLARE f regprocedure;
 BEGIN

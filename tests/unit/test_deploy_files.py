@@ -382,3 +382,20 @@ def test_compose_shell_scripts_parse(script: str) -> None:
     shell = "bash" if path.read_text().startswith("#!/usr/bin/env bash") else "sh"
     proc = subprocess.run([shell, "-n", str(path)], capture_output=True, text=True, timeout=30, check=False)
     assert proc.returncode == 0, shlex.join([shell, "-n", script]) + ": " + proc.stderr
+
+
+def _revoked_lists() -> list[set[str]]:
+    """The function names of each `p.proname = ANY (ARRAY[...])` list in 003_hardening.sql."""
+    sql = (REPO / "deploy" / "sql" / "003_hardening.sql").read_text()
+    return [set(re.findall(r"'(\w+)'", block)) for block in re.findall(r"ANY \(ARRAY\[(.*?)\]\)", sql, re.S)]
+
+
+def test_revoked_functions_agree_with_the_guard_and_the_audit() -> None:
+    """The role's wall (003), the guard and the audit name the same functions."""
+    from proxy.audit import DANGEROUS_FUNCTIONS
+    from proxy.guard import ACTIVITY_FUNCTIONS, DENIED_FUNCTIONS
+
+    dangerous, activity = _revoked_lists()
+    assert dangerous == set(DANGEROUS_FUNCTIONS)
+    assert activity == set(ACTIVITY_FUNCTIONS)
+    assert dangerous <= DENIED_FUNCTIONS and activity <= DENIED_FUNCTIONS
