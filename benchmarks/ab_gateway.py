@@ -6,6 +6,9 @@ Not part of `make bench`.  Two ways:
         the current code alone: best of three 8 s rounds (run before and after a change);
     python -m benchmarks.ab_gateway database.pool_max_size=10 [section.key=value ...]
     python -m benchmarks.ab_gateway --b-tree /path/to/other/checkout [section.key=value ...]
+    python -m benchmarks.ab_gateway --catalog
+        B with a control catalog (control.dsn on the stack's database, every tenant of the
+        mix registered), to show that the request path does not pay for it;
         two gateways on the same stack, the second with those config overrides or that
         checkout's code (`git worktree add /tmp/before HEAD~1`), taking turns for six 8 s
         rounds each: the median of each, and B / A.  Turns cancel most of the drift a
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -57,9 +61,21 @@ def _overrides(args: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _catalog(stack: Any, config: Path) -> None:
+    """Create the control catalog and register the benchmark's tenants in it."""
+    subprocess.run([sys.executable, "-m", "proxy", "control", "init", "--config", str(config)], check=True)
+    stack.psql("WITH v AS (UPDATE tenant_proxy.meta SET version = version + 1 RETURNING version) "
+               "INSERT INTO tenant_proxy.tenants (id, version) "
+               "SELECT ('00000000-0000-4000-8000-' || lpad((100000000000 + g)::text, 12, '0')), v.version "
+               "FROM generate_series(1, 100) g, v ON CONFLICT DO NOTHING")
+
+
 def main() -> None:
     args = sys.argv[1:]
     b_tree = None
+    catalog = args[:1] == ["--catalog"]
+    if catalog:
+        args = args[1:]
     if args[:1] == ["--b-tree"] and len(args) > 1:
         b_tree, args = Path(args[1]).resolve(), args[2:]
     b_overrides = _overrides(args)
@@ -74,6 +90,10 @@ def main() -> None:
                                                            for t, e in mix(300, 1)])
         a_port, _ = servers.enter_context(gateway_process(stack, work, defaults=LIMITS))
         a_url = f"http://127.0.0.1:{a_port}/v1/query"
+        prepare = None
+        if catalog:
+            b_overrides["control"] = {"dsn": stack.admin_dsn}
+            prepare = lambda config: _catalog(stack, config)  # noqa: E731
         if not b_overrides and b_tree is None:
             wrk(a_url, requests, duration_s=3)
             rounds = [_round(a_url, _gateway_pid(a_port), requests) for _ in range(3)]
@@ -81,7 +101,7 @@ def main() -> None:
                   f"{statistics.median(c for _, c in rounds):.3f} ms CPU per request (median)")
             return
         b_port, _ = servers.enter_context(gateway_process(stack, work, source=b_tree, defaults=LIMITS,
-                                                                **b_overrides))
+                                                          prepare=prepare, **b_overrides))
         b_url = f"http://127.0.0.1:{b_port}/v1/query"
         for url in (a_url, b_url):
             wrk(url, requests, duration_s=3)

@@ -9,7 +9,7 @@ import os
 import re
 import resource
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,10 +81,12 @@ def run(coro: Any) -> Any:
 
 @contextlib.contextmanager
 def gateway_process(stack: LocalStack, workdir: Path, *, source: Path | None = None,
+                    prepare: Callable[[Path], None] | None = None,
                     **overrides: Any) -> Iterator[tuple[int, int]]:
     """Run `tenant-proxy serve` in its own process (so the load generator does not share its
     event loop or core); yields (port, admin_port).  ``source``: another checkout whose
-    ``proxy`` package to run (benchmarks/ab_gateway.py --b-tree)."""
+    ``proxy`` package to run (benchmarks/ab_gateway.py --b-tree); ``prepare``: called with
+    the config file before the gateway starts (to set up a control catalog)."""
     import subprocess
     import sys
     import time
@@ -106,6 +108,8 @@ def gateway_process(stack: LocalStack, workdir: Path, *, source: Path | None = N
         raw[key] = {**raw.get(key, {}), **value}
     config = workdir / f"gateway-{port}.yaml"
     config.write_text(yaml.safe_dump(raw))
+    if prepare is not None:
+        prepare(config)
     env = None if source is None else {**os.environ, "PYTHONPATH": str(source)}
     proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config)], cwd=source, env=env)
     try:

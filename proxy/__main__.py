@@ -1,4 +1,5 @@
-"""Command line: ``tenant-proxy serve|check-config|hash-key|new-key|audit|export|import|purge|dev``.
+"""Command line: ``tenant-proxy serve|check-config|hash-key|new-key|audit|export|import|purge|move|dev``,
+and the control catalog's ``control|tenants|keys`` (proxy/control/cli.py).
 
 The only module that reads argv or the environment.
 """
@@ -18,6 +19,9 @@ from pathlib import Path
 from . import __version__
 from .auth import hash_key
 from .config import ConfigError, Settings, TenancyConfig, load_config
+
+# The admin token `move` (without a control catalog) and `purge` send to the gateway's admin API.
+ADMIN_TOKEN_ENV = "TENANT_PROXY_ADMIN_TOKEN"
 
 
 def _load(path: str) -> Settings:
@@ -215,8 +219,10 @@ async def _forget_metrics(admin_url: str, tenant: str) -> str:
     import aiohttp
 
     try:
+        token = os.environ.get(ADMIN_TOKEN_ENV)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http, \
-                http.delete(f"{admin_url.rstrip('/')}/admin/tenants/{tenant}/metrics") as r:
+                http.delete(f"{admin_url.rstrip('/')}/admin/tenants/{tenant}/metrics", headers=headers) as r:
             if r.status == 200:
                 return f"the gateway at {admin_url} dropped the tenant's metrics series"
             return f"note: the gateway at {admin_url} answered {r.status} to dropping the metrics series"
@@ -228,8 +234,8 @@ async def _move(args: argparse.Namespace, settings: Settings) -> int:
     from .move import move_tenant
 
     tenant = _tenant(args.tenant, settings)
-    admin = args.admin_url or f"http://{settings.server.admin_host}:{settings.server.admin_port}"
-    moved = await move_tenant(settings, tenant, args.to, admin)
+    moved = await move_tenant(settings, tenant, args.to, args.admin_url,
+                              admin_token=os.environ.get(ADMIN_TOKEN_ENV))
     print(f"moved tenant {tenant} to cluster {args.to}: {sum(moved.values())} rows")
     return 0
 
@@ -323,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--tenant", required=True)
     p.add_argument("--to", required=True, help="a cluster name under `clusters:` (`default` is `database`)")
-    p.add_argument("--admin-url", help="the running gateway's admin API (default: server.admin_host:admin_port)")
+    p.add_argument("--admin-url", help="without control.dsn: the running gateway's admin API (default: "
+                                       "server.admin_host:admin_port; token from $TENANT_PROXY_ADMIN_TOKEN)")
     p.set_defaults(func=_lifecycle_command)
 
     p = sub.add_parser("dev", help="start a throwaway PostgreSQL + PgBouncer with demo data, then serve")
@@ -334,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bouncer-port", type=int, default=6432)
     p.add_argument("--pool-size", type=int, default=20)
     p.set_defaults(func=cmd_dev)
+
+    from .control.cli import add_parsers
+
+    add_parsers(sub)
     return parser
 
 
@@ -349,10 +360,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
+        from .control.schema import CatalogError
         from .db import DATABASE_ERRORS
         from .pgconn import RoleCanBypassRls
 
-        if isinstance(exc, RoleCanBypassRls):
+        if isinstance(exc, (RoleCanBypassRls, CatalogError)):
             print(f"refusing to start: {exc}", file=sys.stderr)
             return 1
         if isinstance(exc, DATABASE_ERRORS):

@@ -23,6 +23,8 @@ from aiohttp import web
 from . import __version__, admin, handlers, idempotency, jwks, neon, openapi
 from .auth import Authenticator, KeySource
 from .config import ConfigError, Limits, LoggingConfig, Settings, load_config
+from .control.sync import ControlSync
+from .control.view import Overlay, View
 from .db import DATABASE_ERRORS, Database, PoolStats, TxRequest
 from .errors import CLIENT_CLOSED, ApiError, error_middleware
 from .guard import Guard
@@ -58,10 +60,16 @@ class Runtime:
     guard: Guard
 
     @classmethod
-    def build(cls, settings: Settings, jwt_keys: KeySource | None = None) -> Runtime:
+    def build(cls, settings: Settings, jwt_keys: KeySource | None = None, old: Runtime | None = None) -> Runtime:
+        """``old``: the runtime replaced, whose guard (and its cache) and authenticator
+        (and its verified tokens) carry over where their part of the settings did not change."""
+        same_auth = old is not None and old.settings.auth == settings.auth and \
+            old.settings.tenancy.id_format == settings.tenancy.id_format
         return cls(settings=settings,
-                   authenticator=Authenticator(settings.auth, settings.tenancy.id_format, jwt_keys),
-                   guard=Guard(settings.guard))
+                   authenticator=old.authenticator if old is not None and same_auth
+                   else Authenticator(settings.auth, settings.tenancy.id_format, jwt_keys),
+                   guard=old.guard if old is not None and old.settings.guard == settings.guard
+                   else Guard(settings.guard))
 
 
 @dataclass(slots=True)
@@ -84,6 +92,13 @@ class Gateway:
     jwks: JwksRefresher | None = None
     # Parser processes for long statements (the guard's bounded parse).
     parser: ParseWorkers = field(default_factory=ParseWorkers)
+    # The fleet's control catalog (control.dsn), None for a single instance.
+    control: ControlSync | None = None
+    # The settings as the config file gave them, before the catalog's view is put over them.
+    file_settings: Settings | None = None
+    # Transactions in flight that may write, per tenant: what a pause waits for.
+    writing: dict[str, int] = field(default_factory=dict)
+    _overlay: Overlay = field(default_factory=Overlay)
     _closing: set[asyncio.Task[None]] = field(default_factory=set)
     _purger: asyncio.Task[None] | None = None
 
@@ -124,6 +139,9 @@ class Gateway:
     async def apply(self, settings: Settings) -> None:
         """Swap in new settings.  In-flight requests keep the limits (and pool) they started with."""
         old = self.runtime.settings
+        self.file_settings = settings
+        if self.control is not None and self.control.view is not None:
+            settings = self._overlay(settings, self.control.view)
         if (settings.database, settings.clusters, settings.tenancy.guc) != (old.database, old.clusters,
                                                                              old.tenancy.guc):
             router = Router(settings)
@@ -134,9 +152,34 @@ class Gateway:
             task.add_done_callback(self._closing.discard)
         self.overrides.clear()
         self.jwks = await jwks.restart(self.jwks, settings.auth.jwt)
-        self.runtime = Runtime.build(settings, self.jwks)
+        self.runtime = Runtime.build(settings, self.jwks, self.runtime if self.jwks is None else None)
         self.scheduler.resize(self.router.slots, settings.database.acquire_timeout_ms / 1000)
         self.metrics.configure(settings.metrics, settings.pinned_tenants)
+
+    def apply_view(self, view: View) -> None:
+        """Put a new catalog view over the file's settings (called by the control sync)."""
+        base = self.file_settings or self.runtime.settings
+        self.runtime = Runtime.build(self._overlay(base, view), self.jwks, self.runtime)
+
+    async def drain_writes(self, tenants: set[str], timeout_s: float = 60.0) -> None:
+        """Wait until no transaction that may write is in flight for any of ``tenants``."""
+        deadline = time.monotonic() + timeout_s
+        while any(self.writing.get(t) for t in tenants):
+            if time.monotonic() > deadline:
+                log.warning("tenants %s still have writes in flight after %g s", sorted(tenants), timeout_s)
+                return
+            await asyncio.sleep(0.01)
+
+    async def start_control(self) -> None:
+        """Join the fleet: read the catalog (its view becomes the settings) before serving."""
+        s = self.runtime.settings
+        if s.control.dsn is None:
+            return
+        self.file_settings = s
+        address = s.control.address or f"{s.server.admin_host}:{s.server.admin_port}"
+        self.control = ControlSync(s.control, address, self.apply_view, self.drain_writes)
+        await self.control.start()
+        self.control.register_metrics(self.metrics.registry)
 
     def set_tenant_limits(self, tenant: str, limits: Limits) -> None:
         """Change one tenant's limits until the next reload."""
@@ -175,6 +218,8 @@ class Gateway:
         self._purger = asyncio.create_task(self._purge_forever())
 
     async def close(self) -> None:
+        if self.control is not None:
+            await self.control.close()
         if self._purger is not None:
             self._purger.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -276,7 +321,8 @@ def create_apps(gateway: Gateway) -> tuple[web.Application, web.Application]:
     data.router.add_post("/v1/query", handlers.query)
     data.router.add_post("/v1/transaction", handlers.transaction)
     data.router.add_post("/sql", neon.sql)  # answers 404 unless server.neon_sql_endpoint (read per request)
-    admin_app = _application(gateway, 1024 * 1024, [request_id_middleware, error_middleware])
+    admin_app = _application(gateway, 1024 * 1024,
+                             [request_id_middleware, error_middleware, admin.admin_auth_middleware])
     admin.add_admin_routes(admin_app)
     document = openapi.serialise(openapi.load())
     for app in (data, admin_app):
@@ -329,6 +375,11 @@ async def start_gateway(settings: Settings, config_path: Path | None = None,
                       scheduler=Scheduler(router.slots, settings.database.acquire_timeout_ms / 1000),
                       config_path=config_path,
                       env=env or {}, jwks=refresher)
+    try:
+        await gateway.start_control()
+    except BaseException:
+        await gateway.close()
+        raise
     gateway.start_background()
     data_app, admin_app = create_apps(gateway)
     ports = []

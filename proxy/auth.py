@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -132,6 +133,8 @@ class Authenticator:
     def __init__(self, cfg: AuthConfig, id_format: str, jwks: KeySource | None = None) -> None:
         self._by_hash = {k.sha256: Principal(name=k.name, tenants=k.tenants, method="api_key")
                          for k in cfg.api_keys}
+        # Keys that stop working at a time (catalog keys with an expiry, rotated keys' grace).
+        self._expires = {k.sha256: k.expires_at for k in cfg.api_keys if k.expires_at is not None}
         self._jwt = _JwtVerifier(cfg.jwt, id_format, jwks) if cfg.jwt is not None else None
 
     def authenticate(self, authorization: str | None) -> Principal:
@@ -143,7 +146,10 @@ class Authenticator:
             raise _unauthenticated()
         if self._jwt is not None and token.count(".") == 2:
             return self._jwt.verify(token)
-        principal = self._by_hash.get(hash_key(token))
+        digest = hash_key(token)
+        principal = self._by_hash.get(digest)
         if principal is None:
+            raise _unauthenticated()
+        if self._expires and time.time() >= self._expires.get(digest, math.inf):
             raise _unauthenticated()
         return principal

@@ -156,6 +156,7 @@ class ApiKey:
     sha256: str
     # None means "any tenant named in the header" (``tenants: ["*"]``).
     tenants: frozenset[str] | None
+    expires_at: float | None = None  # Unix time after which the key no longer works (catalog keys)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +211,28 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ControlConfig:
+    """The fleet's control catalog (proxy/control): None dsn means one instance, config file only."""
+
+    dsn: str | None = None
+    lease_s: float = 10.0      # a view older than this refuses writes (503 control_unavailable)
+    heartbeat_s: float = 2.0   # how often an instance confirms its view and reports in
+    address: str | None = None  # what GET /admin/fleet shows for this instance (default host:admin port)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminToken:
+    name: str
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    # Bearer tokens for /admin/* (hashed like API keys); none: the admin port must be loopback.
+    tokens: tuple[AdminToken, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     database: DatabaseConfig
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -223,6 +246,10 @@ class Settings:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     # Every cluster, the `database` section's own as "default".
     clusters: Mapping[str, ClusterConfig] = field(default_factory=dict)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    # With a control catalog, `tenants` holds every registered tenant, and no other is served.
+    tenant_registry: bool = False
 
     @property
     def pinned_tenants(self) -> frozenset[str]:
@@ -255,6 +282,8 @@ class Settings:
             "metrics": _asdict(self.metrics),
             "idempotency": _asdict(self.idempotency),
             "logging": _asdict(self.logging),
+            "control": {**_asdict(self.control), "dsn": redact_dsn(self.control.dsn or "") or None},
+            "admin": {"tokens": [{"name": t.name, "sha256": "<redacted>"} for t in self.admin.tokens]},
         }
 
 

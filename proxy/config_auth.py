@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ANY_TENANT, JWT_ALGORITHMS, SHA256_RE, ApiKey, JwtConfig, canonical_tenant_id
+from .config import ANY_TENANT, JWT_ALGORITHMS, SHA256_RE, AdminToken, ApiKey, JwtConfig, canonical_tenant_id
 
 if TYPE_CHECKING:
     from .config_parse import _Reader
@@ -40,6 +40,30 @@ def api_keys(r: _Reader, raw: Any, id_format: str) -> tuple[ApiKey, ...]:
         tenants = _key_tenants(r, item, path, id_format)
         keys.append(ApiKey(name=name, sha256=digest, tenants=tenants))
     return tuple(keys)
+
+
+def admin_tokens(r: _Reader, raw: Any) -> tuple[AdminToken, ...]:
+    """`admin.tokens`: bearer tokens for /admin/*, each a name and the token's SHA-256."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        r.fail("admin.tokens", "must be a list of {name, sha256}")
+        return ()
+    out: list[AdminToken] = []
+    for i, item in enumerate(raw):
+        path = f"admin.tokens[{i}]"
+        if not isinstance(item, dict):
+            r.fail(path, "must be a mapping with name and sha256")
+            continue
+        r.unknown(item, {"name", "sha256"}, path)
+        name = r.str_(item, "name", path, required=True) or f"token{i}"
+        digest = (r.str_(item, "sha256", path, required=True) or "").lower()
+        if digest and not SHA256_RE.match(digest):
+            r.fail(f"{path}.sha256", "must be 64 hex characters (see `tenant-proxy hash-key`)")
+        if any(t.name == name for t in out):
+            r.fail(f"{path}.name", f"duplicate token name {name!r}")
+        out.append(AdminToken(name, digest))
+    return tuple(out)
 
 
 def _key_tenants(r: _Reader, item: Mapping[str, Any], path: str, id_format: str) -> frozenset[str] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Mapping
@@ -18,9 +19,11 @@ from .config import (
     HEADER_RE,
     LIMIT_KEYS,
     SLUG_RE,
+    AdminConfig,
     AuthConfig,
     ClusterConfig,
     ConfigError,
+    ControlConfig,
     DatabaseConfig,
     GuardConfig,
     IdempotencyConfig,
@@ -32,7 +35,7 @@ from .config import (
     TenancyConfig,
     canonical_tenant_id,
 )
-from .config_auth import api_keys, jwt_config
+from .config_auth import admin_tokens, api_keys, jwt_config
 
 
 class _Reader:
@@ -200,7 +203,7 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
     if not isinstance(raw, dict):
         raise ConfigError(["(top level): must be a mapping"])
     r.unknown(raw, {"server", "database", "clusters", "tenancy", "defaults", "tenants", "auth", "guard", "metrics",
-                    "idempotency", "logging"}, "")
+                    "idempotency", "logging", "control", "admin"}, "")
 
     s = r.section(raw, "server", {"host", "port", "admin_host", "admin_port", "max_request_bytes",
                                   "shutdown_timeout_s", "body_timeout_s", "header_timeout_s", "keepalive_timeout_s",
@@ -293,10 +296,15 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
         if tenants[canon].cluster not in clusters:
             r.fail(f"tenants.{tid}.cluster", f"no cluster named {tenants[canon].cluster!r} (see clusters)")
 
+    control = _control(r, raw, server)
     a = r.section(raw, "auth", {"api_keys", "jwt"})
     auth = AuthConfig(api_keys=api_keys(r, a.get("api_keys"), id_format), jwt=jwt_config(r, a.get("jwt")))
-    if not auth.api_keys and auth.jwt is None:
-        r.fail("auth", "configure at least one of api_keys or jwt")
+    if not auth.api_keys and auth.jwt is None and control.dsn is None:
+        r.fail("auth", "configure at least one of api_keys or jwt (or control.dsn, whose catalog holds keys)")
+    admin = AdminConfig(tokens=admin_tokens(r, r.section(raw, "admin", {"tokens"}).get("tokens")))
+    if not admin.tokens and not _loopback(server.admin_host):
+        r.fail("admin.tokens", f"required when server.admin_host ({server.admin_host}) is not a loopback address: "
+                               "every /admin route would be open to the network")
 
     g = r.section(raw, "guard", {"deny_functions", "allow_functions", "allow_call", "cache_size"})
     guard = GuardConfig(
@@ -327,7 +335,30 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
     if r.problems:
         raise ConfigError(r.problems)
     return Settings(database=database, server=server, tenancy=tenancy, defaults=defaults, tenants=tenants,
-                    auth=auth, guard=guard, metrics=metrics, idempotency=idem, logging=logging, clusters=clusters)
+                    auth=auth, guard=guard, metrics=metrics, idempotency=idem, logging=logging, clusters=clusters,
+                    control=control, admin=admin)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _control(r: _Reader, raw: Mapping[str, Any], server: ServerConfig) -> ControlConfig:
+    c = r.section(raw, "control", {"dsn", "lease_s", "heartbeat_s", "address"})
+    if not c:
+        return ControlConfig()
+    dsn = _dsn(r, c, "control", required=True)
+    lease = r.number(c, "lease_s", "control", 10.0, lo=1.0)
+    heartbeat = r.number(c, "heartbeat_s", "control", min(2.0, lease / 5), lo=0.1)
+    if heartbeat > lease / 2:
+        r.fail("control.heartbeat_s", f"must be at most half of control.lease_s ({lease:g})")
+    address = r.str_(c, "address", "control")
+    return ControlConfig(dsn=dsn or None, lease_s=lease, heartbeat_s=heartbeat, address=address)
 
 
 def load_config(path: str | Path, env: Mapping[str, str]) -> Settings:

@@ -34,6 +34,10 @@ TENANT_REQUIRED = ErrorKind("tenant_required", 400)
 TENANT_FORBIDDEN = ErrorKind("tenant_forbidden", 403)
 TENANT_SUSPENDED = ErrorKind("tenant_suspended", 403)
 TENANT_MOVING = ErrorKind("tenant_moving", 503, retryable=True)
+TENANT_UNKNOWN = ErrorKind("tenant_unknown", 403)  # not registered in the control catalog
+# This instance's view of the control catalog is older than control.lease_s: it cannot
+# know where a tenant lives now, so it serves reads and refuses writes.
+CONTROL_UNAVAILABLE = ErrorKind("control_unavailable", 503, retryable=True)
 INVALID_REQUEST = ErrorKind("invalid_request", 400)
 CONFIG_INVALID = ErrorKind("config_invalid", 400)
 NOT_FOUND = ErrorKind("not_found", 404)

@@ -9,6 +9,7 @@ only turns its body into a :class:`Plan` (``POST /sql`` in neon.py does too).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -25,6 +26,7 @@ from .db import ISOLATION_LEVELS, Outcome, TxRequest
 from .encode import check_nesting, dumps
 from .errors import (
     CLIENT_CLOSED,
+    CONTROL_UNAVAILABLE,
     DATABASE_UNAVAILABLE,
     INTERNAL,
     INVALID_REQUEST,
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tenant_proxy")
 
 MAX_STATEMENTS = 100
+READ_ONLY_SQL_TRANSACTION = "25006"
 ROW_FORMATS = ("object", "array")
 CONSISTENCY = ("any", "primary")
 
@@ -288,15 +291,52 @@ async def _guarded(gw: Gateway, tenant: Tenant, plan: Plan, trace: RequestTrace)
 async def _admitted(request: web.Request, gw: Gateway, tenant: Tenant, plan: Plan, raw: bytes,
                     trace: RequestTrace) -> web.StreamResponse:
     """Guard, then run the plan in the tenant's transaction and answer."""
-    rt = gw.runtime
     opts = plan.options
     statements = await _guarded(gw, tenant, plan, trace)
-    if tenant.limits.moving and not opts.read_only:
-        # `tenant-proxy move` is copying this tenant to another cluster: reads go on, writes wait.
-        raise ApiError(TENANT_MOVING, "this tenant's data is being moved; retry shortly", retry_after_s=2)
+    # From here to the transaction's end nothing awaits before the write count is taken:
+    # the placement and pause read now are the ones a move waits on (see Gateway.drain_writes).
+    rt = gw.runtime
+    tenant = Tenant(tenant.id, rt.settings.limits_for(tenant.id))
+    paused = None if opts.read_only else _write_pause(gw, tenant.limits)
+    if paused is not None:
+        # Reads go on: the request runs READ ONLY, so PostgreSQL itself refuses any write
+        # (through functions too), and that refusal becomes the pause's 503.
+        opts = dataclasses.replace(opts, read_only=True, consistency="primary")
     # Reads are idempotent already, and a READ ONLY transaction could not store the key.
     claim = None if opts.read_only else idempotency.claim_for(
         request.headers.get(idempotency.HEADER), trace.endpoint, raw, rt.settings.idempotency.retention_s)
+    if not opts.read_only:
+        gw.writing[tenant.id] = gw.writing.get(tenant.id, 0) + 1
+    try:
+        return await _answer(request, gw, tenant, plan, opts, statements, claim, trace)
+    except ApiError as err:
+        if paused is not None and err.sqlstate == READ_ONLY_SQL_TRANSACTION:
+            raise paused from None
+        raise
+    finally:
+        if not opts.read_only:
+            left = gw.writing[tenant.id] - 1
+            if left:
+                gw.writing[tenant.id] = left
+            else:
+                del gw.writing[tenant.id]
+
+
+def _write_pause(gw: Gateway, limits: Limits) -> ApiError | None:
+    """Why this instance may not write for the tenant now, if it may not."""
+    if limits.moving:  # `tenant-proxy move` is copying the tenant to another cluster
+        return ApiError(TENANT_MOVING, "this tenant's data is being moved; retry shortly", retry_after_s=2)
+    if gw.control is not None and not gw.control.fresh():
+        return ApiError(CONTROL_UNAVAILABLE, "this gateway instance has lost touch with the control catalog; "
+                        "writes are refused until it is back (reads are served)", retry_after_s=2)
+    return None
+
+
+async def _answer(request: web.Request, gw: Gateway, tenant: Tenant, plan: Plan, opts: Options,
+                  statements: list[Statement], claim: idempotency.Claim | None,
+                  trace: RequestTrace) -> web.StreamResponse:
+    """Run the plan in the tenant's transaction and answer."""
+    rt = gw.runtime
 
     def encode(results: list[Result]) -> bytes:
         t3 = time.perf_counter()

@@ -19,6 +19,8 @@ GATEWAY = web.AppKey["Gateway"]("gateway")
 
 REQUEST_ID = web.RequestKey[str]("request_id")
 TRACE = web.RequestKey[RequestTrace]("trace")
+# Who is making an admin request: the admin.tokens entry's name ("anonymous" without tokens).
+ADMIN_ACTOR = web.RequestKey[str]("admin_actor")
 # Set by an endpoint whose errors take another shape than the standard one (POST /sql).
 ERROR_RENDERER = web.RequestKey[Callable[["ApiError", str], web.Response]]("error_renderer")
 # The OpenAPI document, serialised once at start (GET /openapi.json on both ports).

@@ -1,12 +1,14 @@
 """`tenant-proxy move`: move one tenant's data to another cluster while the gateway runs.
 
-1. Pause the tenant's writes in the running gateway (admin API: `moving`), so writes get
-   503 `tenant_moving` with Retry-After while reads go on; wait for its transactions in
-   flight to finish.
+1. Pause the tenant's writes, so writes get 503 `tenant_moving` with Retry-After while
+   reads go on, and wait for its transactions in flight to finish: with a control catalog
+   on every instance of the fleet (proxy/control/placement.py), without one in the
+   gateway whose admin API is given.
 2. Export it from its cluster (one consistent snapshot, under RLS), import it on the
    target (manifest and checksums verified first; refused if the tenant already has rows
    there), and check the row counts on the target against the export.
-3. Flip the tenant's placement in the gateway and resume its writes, in one admin call.
+3. Flip the tenant's placement (with a catalog: and wait until every live instance
+   applied it, or its lease ran out), then resume its writes.
 4. Only then purge it from the source.
 
 Any failure before the flip resumes the tenant on its source and deletes what was
@@ -17,6 +19,7 @@ retrying a write across the move still has it run once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,6 +29,7 @@ from typing import Any
 import aiohttp
 
 from .config import Settings
+from .control.placement import Coordinator, FleetPlacement
 from .db import connect_direct
 from .export import export_tenant
 from .lifecycle import LifecycleError, Progress, begin_tenant_tx, row_counts, tenant_tables
@@ -36,58 +40,79 @@ DRAIN_TIMEOUT_S = 30.0
 
 
 class _Admin:
-    def __init__(self, http: aiohttp.ClientSession, base: str, tenant: str) -> None:
+    """Without a control catalog: one gateway, through its admin API."""
+
+    def __init__(self, http: aiohttp.ClientSession, base: str, tenant: str, token: str | None) -> None:
         self.http = http
         self.url = f"{base.rstrip('/')}/admin/tenants/{tenant}"
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.base = base
 
     async def set(self, **limits: Any) -> dict[str, Any]:
-        async with self.http.put(self.url + "/limits", json=limits) as r:
-            body = await r.json(content_type=None)
-            if r.status != 200:
-                raise LifecycleError(f"the gateway refused {limits}: {body}")
-            return dict(body["limits"])
+        try:
+            async with self.http.put(self.url + "/limits", json=limits, headers=self.headers) as r:
+                body = await r.json(content_type=None)
+                if r.status != 200:
+                    raise LifecycleError(f"the gateway refused {limits}: {body}")
+                return dict(body["limits"])
+        except aiohttp.ClientError as exc:
+            raise LifecycleError(f"cannot reach the gateway's admin API at {self.base}: {exc}") from None
 
-    async def inflight(self) -> int:
-        async with self.http.get(self.url) as r:
+    async def pause(self, target: str) -> str:
+        current = await self.set(moving=True)
+        if current["cluster"] == target:
+            await self.set(moving=False)
+            raise LifecycleError(f"tenant is already on cluster {target}")
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while await self._inflight() > 0:
+            if time.monotonic() > deadline:
+                raise LifecycleError("the tenant still has transactions in flight after 30 s")
+            await asyncio.sleep(0.05)
+        return str(current["cluster"])
+
+    async def _inflight(self) -> int:
+        async with self.http.get(self.url, headers=self.headers) as r:
             return int((await r.json())["inflight"])
 
+    async def flip(self, target: str) -> None:
+        await self.set(cluster=target)
 
-async def move_tenant(settings: Settings, tenant: str, target: str, admin_url: str,
-                      say: Callable[[str], None] = print) -> dict[str, int]:
-    """Move ``tenant`` to cluster ``target``; returns the rows moved per table."""
+    async def resume(self) -> None:
+        await self.set(moving=False)
+
+
+async def move_tenant(settings: Settings, tenant: str, target: str, admin_url: str | None = None,
+                      say: Callable[[str], None] = print, admin_token: str | None = None) -> dict[str, int]:
+    """Move ``tenant`` to cluster ``target``; returns the rows moved per table.  With
+    control.dsn the fleet's catalog coordinates it; without, the gateway at ``admin_url``."""
     if target not in settings.clusters:
         known = ", ".join(sorted(settings.clusters))
         raise LifecycleError(f"--to {target!r}: no such cluster in the config (known: {known})")
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
-        admin = _Admin(http, admin_url, tenant)
+    async with contextlib.AsyncExitStack() as stack:
+        coordinator: Coordinator
+        if settings.control.dsn is not None:
+            coordinator = await stack.enter_async_context(FleetPlacement.open(settings, tenant, say))
+        else:
+            http = await stack.enter_async_context(aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)))
+            url = admin_url or f"http://{settings.server.admin_host}:{settings.server.admin_port}"
+            coordinator = _Admin(http, url, tenant, admin_token)
         try:
-            current = await admin.set(moving=True)
-        except aiohttp.ClientError as exc:
-            raise LifecycleError(f"cannot reach the gateway's admin API at {admin_url}: {exc}") from None
-        source = current["cluster"]
-        if source == target:
-            await admin.set(moving=False)
-            raise LifecycleError(f"tenant {tenant} is already on cluster {target}")
+            source = await coordinator.pause(target)
+        except LifecycleError as exc:
+            raise LifecycleError(f"tenant {tenant}: {exc}") from None
         say(f"move: writes of tenant {tenant} paused on cluster {source}")
         try:
-            await _drain(admin)
             moved = await _copy(settings, tenant, source, target, say)
         except BaseException:
-            await _undo(settings, tenant, target, admin, say)
+            await _undo(settings, tenant, target, coordinator, say)
             raise
-        await admin.set(cluster=target, moving=False)
+        await coordinator.flip(target)
+        await coordinator.resume()
     say(f"move: tenant {tenant} now served by cluster {target}; writes resumed")
     say(f"move: purged {await _purge(settings, tenant, source)} rows from cluster {source}")
-    say(f"move: make it last: set tenants.{tenant}.cluster: {target} in the config file before the next reload")
+    if settings.control.dsn is None:
+        say(f"move: make it last: set tenants.{tenant}.cluster: {target} in the config file before the next reload")
     return moved
-
-
-async def _drain(admin: _Admin) -> None:
-    deadline = time.monotonic() + DRAIN_TIMEOUT_S
-    while await admin.inflight() > 0:
-        if time.monotonic() > deadline:
-            raise LifecycleError("the tenant still has transactions in flight after 30 s")
-        await asyncio.sleep(0.05)
 
 
 async def _copy(settings: Settings, tenant: str, source: str, target: str,
@@ -119,10 +144,11 @@ async def _copy(settings: Settings, tenant: str, source: str, target: str,
     return expected
 
 
-async def _undo(settings: Settings, tenant: str, target: str, admin: _Admin, say: Callable[[str], None]) -> None:
+async def _undo(settings: Settings, tenant: str, target: str, coordinator: Coordinator,
+                say: Callable[[str], None]) -> None:
     """Before the flip: the source still serves; drop what reached the target, resume writes."""
     await _purge(settings, tenant, target)
-    await admin.set(moving=False)
+    await coordinator.resume()
     say(f"move: failed; tenant {tenant} stays on its cluster, the copy on {target} was removed")
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from .config import DEFAULT_CLUSTER, ClusterConfig, Settings
 from .db import Database, PoolStats
+from .errors import DATABASE_UNAVAILABLE, ApiError
 
 log = logging.getLogger("tenant_proxy.routing")
 
@@ -82,12 +83,19 @@ class Router:
             await asyncio.gather(self._health, return_exceptions=True)
         await asyncio.gather(*(db.close() for db in self.databases()))
 
+    def _cluster(self, name: str) -> _Cluster:
+        c = self._clusters.get(name)
+        if c is None:  # placed by the control catalog on a cluster this instance's config lacks
+            raise ApiError(DATABASE_UNAVAILABLE, f"this tenant is placed on cluster {name!r}, "
+                           "which this gateway instance is not configured for")
+        return c
+
     def primary(self, cluster: str = DEFAULT_CLUSTER) -> Database:
-        return self._clusters[cluster].primary
+        return self._cluster(cluster).primary
 
     def for_read(self, cluster: str) -> Database:
         """The next healthy replica of the cluster, or its primary when none is."""
-        c = self._clusters[cluster]
+        c = self._cluster(cluster)
         now = time.monotonic()
         for _ in range(len(c.replicas)):
             replica = c.replicas[c.turn % len(c.replicas)]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from .auth import Principal
 from .config import Limits, Settings, canonical_tenant_id
-from .errors import INVALID_REQUEST, TENANT_FORBIDDEN, TENANT_REQUIRED, TENANT_SUSPENDED, ApiError
+from .errors import INVALID_REQUEST, TENANT_FORBIDDEN, TENANT_REQUIRED, TENANT_SUSPENDED, TENANT_UNKNOWN, ApiError
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +39,11 @@ def resolve(principal: Principal, header_value: str | None, settings: Settings) 
     else:
         tenant_id = requested
 
-    limits = settings.limits_for(tenant_id)
+    limits = settings.tenants.get(tenant_id)
+    if limits is None:
+        if settings.tenant_registry:  # with a control catalog only registered tenants are served
+            raise ApiError(TENANT_UNKNOWN, "this tenant is not registered")
+        limits = settings.defaults
     if limits.suspended:
         raise ApiError(TENANT_SUSPENDED, "this tenant is suspended")
     return Tenant(id=tenant_id, limits=limits)

@@ -7,6 +7,7 @@ import copy
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -168,8 +169,8 @@ async def admin_db(stack: Stack) -> AsyncIterator[asyncpg.Connection]:
 
 
 @asynccontextmanager
-async def running_gateway(settings: Settings) -> AsyncIterator[Api]:
-    running = await start_gateway(settings)
+async def running_gateway(settings: Settings, config_path: Path | None = None) -> AsyncIterator[Api]:
+    running = await start_gateway(settings, config_path)
     try:
         async with aiohttp.ClientSession() as session:
             yield Api(session, running)

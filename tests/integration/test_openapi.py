@@ -4,6 +4,7 @@ real responses valid against it, and schemathesis finding no 5xx and no schema v
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -156,6 +157,7 @@ class Figures:
     failures: list[str] = field(default_factory=list)
 
 
+ADMIN_TOKEN = "openapi-test-admin-token"
 POSITIVE_CHECKS = [status_code_conformance, content_type_conformance, response_headers_conformance,
                    response_schema_conformance, ignored_auth]
 NEGATIVE_CHECKS = [status_code_conformance, content_type_conformance, response_headers_conformance,
@@ -191,7 +193,8 @@ def _run_operation(op: Any, base: str, mode: GenerationMode, session: requests.S
                          phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate])
     @hypothesis.given(case=op.as_strategy(generation_mode=mode))
     def run(case: Any) -> None:
-        headers = {"Authorization": f"Bearer {KEY_A}"} if secured else {}
+        token = ADMIN_TOKEN if op.path.startswith("/admin") else KEY_A
+        headers = {"Authorization": f"Bearer {token}"} if secured else {}
         response = case.call(base_url=base, session=session, headers=headers, timeout=30)
         figures.requests += 1
         figures.statuses[response.status_code] = figures.statuses.get(response.status_code, 0) + 1
@@ -210,7 +213,8 @@ def _run_operation(op: Any, base: str, mode: GenerationMode, session: requests.S
 
 
 async def test_schemathesis_finds_no_server_error_and_no_schema_violation(gateway_with: Any) -> None:
-    async with gateway_with(server={"neon_sql_endpoint": True}) as api:
+    admin = {"tokens": [{"name": "ops", "sha256": hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()}]}
+    async with gateway_with(server={"neon_sql_endpoint": True}, admin=admin) as api:
         started = time.monotonic()
         # schemathesis is synchronous; the gateway runs on this event loop, so it must not block it.
         figures = await asyncio.to_thread(_fuzz, api.base, api.admin)

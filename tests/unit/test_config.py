@@ -76,7 +76,9 @@ def test_every_problem_is_listed_by_key_path() -> None:
 
 
 def test_missing_sections() -> None:
-    assert problems({}) == ["database: is required", "auth: configure at least one of api_keys or jwt"]
+    assert problems({}) == ["database: is required",
+                            "auth: configure at least one of api_keys or jwt "
+                            "(or control.dsn, whose catalog holds keys)"]
     assert problems([1, 2]) == ["(top level): must be a mapping"]
 
 
@@ -185,3 +187,27 @@ def test_hash_key_and_new_key_cli() -> None:
     assert len(key) > 32 and hashlib.sha256(key.encode()).hexdigest() == digest
     r = _cli("hash-key", stdin="")
     assert r.returncode == 1
+
+
+def test_an_admin_port_off_loopback_needs_admin_tokens() -> None:
+    off = {**minimal(), "server": {"admin_host": "0.0.0.0"}}
+    assert problems(off) == ["admin.tokens: required when server.admin_host (0.0.0.0) is not a loopback address: "
+                             "every /admin route would be open to the network"]
+    token = {"name": "ops", "sha256": "ab" * 32}
+    assert parse_config({**off, "admin": {"tokens": [token]}}, {}).admin.tokens[0].name == "ops"
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        assert parse_config({**minimal(), "server": {"admin_host": host}}, {}).admin.tokens == ()
+    assert problems({**off, "admin": {"tokens": [{"name": "ops", "sha256": "nope"}, token, token]}}) == [
+        "admin.tokens[0].sha256: must be 64 hex characters (see `tenant-proxy hash-key`)",
+        "admin.tokens[1].name: duplicate token name 'ops'", "admin.tokens[2].name: duplicate token name 'ops'"]
+
+
+def test_control_section() -> None:
+    s = parse_config({**minimal(), "control": {"dsn": "postgresql://c@db/x"}}, {})
+    assert (s.control.dsn, s.control.lease_s, s.control.heartbeat_s) == ("postgresql://c@db/x", 10.0, 2.0)
+    assert parse_config(minimal(), {}).control.dsn is None
+    assert problems({**minimal(), "control": {"dsn": "mysql://x", "lease_s": 2, "heartbeat_s": 5}}) == [
+        "control.dsn: must be a postgresql:// URL", "control.heartbeat_s: must be at most half of control.lease_s (2)"]
+    # with a catalog the keys may all live there
+    no_keys = {k: v for k, v in minimal().items() if k != "auth"}
+    assert parse_config({**no_keys, "control": {"dsn": "postgresql://c@db/x"}}, {}).auth.api_keys == ()
