@@ -160,6 +160,9 @@ class Gateway:
         """Put a new catalog view over the file's settings (called by the control sync)."""
         base = self.file_settings or self.runtime.settings
         self.runtime = Runtime.build(self._overlay(base, view), self.jwks, self.runtime)
+        pinned = self.runtime.settings.pinned_tenants
+        if pinned != self.metrics.pinned:  # pin_metrics set in the catalog
+            self.metrics.configure(self.runtime.settings.metrics, pinned)
 
     async def drain_writes(self, tenants: set[str], timeout_s: float = 60.0) -> None:
         """Wait until no transaction that may write is in flight for any of ``tenants``."""

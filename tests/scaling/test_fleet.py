@@ -313,6 +313,14 @@ async def test_move_through_the_fleet_loses_and_duplicates_nothing(primary: Loca
         assert paused[0] > 0, "no write met the pause: the test proved nothing"
         row = (await f.catalog(f"SELECT cluster, state FROM {SCHEMA}.tenants WHERE id = $1", mover))[0]
         assert (row["cluster"], row["state"]) == ("eu", "active")
+        # durable: a restarted instance serves the tenant from the target
+        for api in f.apis:
+            await api.running.stop()
+        async with running_gateway(load_config(f.config, {}), f.config) as fresh:
+            r = await fresh.query("SELECT count(*) AS n FROM events WHERE event_type = $1", marker, key=KEY_ANY,
+                                  tenant=mover)
+            assert r.status == 200 and r.body["rows"] == [{"n": len(acked)}]
+            assert fresh.running.gateway.runtime.settings.limits_for(mover).cluster == "eu"
     target = await _rows(second_cluster, "SELECT (data->>'n')::int AS n FROM events WHERE tenant_id = $1", mover)
     assert sorted(r["n"] for r in target) == sorted(acked)  # every acknowledged write, exactly once
     assert len(acked) == len(set(acked))
