@@ -130,9 +130,9 @@ class Catalog:
 
     async def update_tenant(self, actor: str, tid: str, *, state: str | None = None, cluster: str | None = None,
                             limits: Mapping[str, Any] | None = None,
-                            expect_state: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                            expect_state: tuple[str, ...] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
         """Change a registered tenant's state, placement or limits (merged over its own);
-        (before, after).  ``expect_state``: refuse unless the tenant is in that state now."""
+        (before, after).  ``expect_state``: refuse unless the tenant is in one of those states now."""
         tid = self.tenant_id(tid)
         if state is not None and state not in STATES:
             raise CatalogError(f"state must be one of {', '.join(STATES)}")
@@ -140,8 +140,8 @@ class Catalog:
             self._cluster(cluster)
         async with self.conn.transaction():
             before = await self._require_tenant(tid, lock=True)
-            if expect_state is not None and before["state"] != expect_state:
-                raise CatalogError(f"tenant {tid} is {before['state']}, not {expect_state}")
+            if expect_state is not None and before["state"] not in expect_state:
+                raise CatalogError(f"tenant {tid} is {before['state']}, not {' or '.join(expect_state)}")
             after = {**before, "state": state or before["state"], "cluster": cluster or before["cluster"],
                      "limits": self._limits({**before["limits"], **(limits or {})})}
             if after == before:

@@ -114,7 +114,8 @@ async def _tenants(args: argparse.Namespace, cat: Catalog) -> int:
             raise CatalogError(f"tenant {tid} is not registered")
         print(json.dumps(row, indent=2, sort_keys=True))
     else:
-        state, expect = {"suspend": ("suspended", "active"), "resume": ("active", "suspended")}[action]
+        # resume also ends a pause a move left behind when it was killed
+        state, expect = {"suspend": ("suspended", ("active",)), "resume": ("active", ("suspended", "moving"))}[action]
         _before, after = await cat.update_tenant(_actor(), tid, state=state, expect_state=expect)
         _print_tenant(after)
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import asyncpg
 import pytest
 
 from proxy.devstack import LocalStack
@@ -38,3 +39,12 @@ def scaled_gateway(primary: LocalStack) -> Any:
     def start(**overrides: Any) -> Any:
         return running_gateway(make_settings(stack_of(primary), **overrides))
     return start
+
+
+async def rows(stack: LocalStack, sql: str, *args: Any) -> list[Any]:
+    """What a superuser sees straight in PostgreSQL (RLS does not confine it)."""
+    conn = await asyncpg.connect(stack.admin_dsn)
+    try:
+        return list(await conn.fetch(sql, *args))
+    finally:
+        await conn.close()

@@ -30,6 +30,7 @@ from proxy.move import move_tenant
 from ..fix_gateway import KEY_A, KEY_ANY, KEY_B, TENANT_A, TENANT_B, Api, base_config, merge, running_gateway
 from ..fix_stack import stack_of
 from ..fix_tcp import Cuttable, cuttable
+from .conftest import rows
 
 ADMIN_TOKEN = "fleet-test-admin-token"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -321,19 +322,12 @@ async def test_move_through_the_fleet_loses_and_duplicates_nothing(primary: Loca
                                   tenant=mover)
             assert r.status == 200 and r.body["rows"] == [{"n": len(acked)}]
             assert fresh.running.gateway.runtime.settings.limits_for(mover).cluster == "eu"
-    target = await _rows(second_cluster, "SELECT (data->>'n')::int AS n FROM events WHERE tenant_id = $1", mover)
+    target = await rows(second_cluster, "SELECT (data->>'n')::int AS n FROM events WHERE tenant_id = $1", mover)
     assert sorted(r["n"] for r in target) == sorted(acked)  # every acknowledged write, exactly once
     assert len(acked) == len(set(acked))
-    assert await _rows(primary, "SELECT 1 FROM events WHERE tenant_id = $1", mover) == []
-    assert await _rows(primary, "SELECT 1 FROM idempotency_keys WHERE tenant_id = $1", mover) == []
+    assert await rows(primary, "SELECT 1 FROM events WHERE tenant_id = $1", mover) == []
+    assert await rows(primary, "SELECT 1 FROM idempotency_keys WHERE tenant_id = $1", mover) == []
 
-
-async def _rows(stack: LocalStack, sql: str, *args: Any) -> list[Any]:
-    conn = await asyncpg.connect(stack.admin_dsn)
-    try:
-        return list(await conn.fetch(sql, *args))
-    finally:
-        await conn.close()
 
 
 async def test_bad_input_gets_a_clear_error_and_changes_nothing(primary: LocalStack, second_cluster: LocalStack,
@@ -349,6 +343,7 @@ async def test_bad_input_gets_a_clear_error_and_changes_nothing(primary: LocalSt
             (("keys", "add", "--config", cfg, "--name", "x", "--tenant", str(uuid.uuid4())), "is not registered"),
             (("keys", "add", "--config", cfg, "--name", "y", "--tenant", TENANT_A, "--expires", "soon"), "duration"),
             (("tenants", "add", "--config", cfg, "--tenant", TENANT_A), "already registered"),
+            (("tenants", "resume", "--config", cfg, "--tenant", TENANT_A), "is active, not suspended or moving"),
             (("move", "--config", cfg, "--tenant", TENANT_A, "--to", "default"), "already on cluster default"),
         ]
         for argv, message in cases:

@@ -6,7 +6,6 @@ import asyncio
 import uuid
 from typing import Any
 
-import asyncpg
 import pytest
 
 from proxy.client import AsyncClient
@@ -15,14 +14,7 @@ from proxy.lifecycle import LifecycleError
 from proxy.move import move_tenant
 
 from ..fix_gateway import KEY_A, KEY_ANY, TENANT_A
-
-
-async def _rows(stack: LocalStack, sql: str, *args: Any) -> list[Any]:
-    conn = await asyncpg.connect(stack.admin_dsn)
-    try:
-        return list(await conn.fetch(sql, *args))
-    finally:
-        await conn.close()
+from .conftest import rows
 
 
 async def test_move_while_writing(scaled_gateway: Any, primary: LocalStack, second_cluster: LocalStack) -> None:
@@ -60,13 +52,13 @@ async def test_move_while_writing(scaled_gateway: Any, primary: LocalStack, seco
         r = await api.query("SELECT count(*) AS n FROM events WHERE event_type = $1", marker, key=KEY_ANY,
                             tenant=mover)
         assert r.body["rows"] == [{"n": len(acked)}]  # reads now come from the new cluster
-    target = await _rows(second_cluster, "SELECT (data->>'n')::int AS n FROM events WHERE tenant_id = $1", mover)
+    target = await rows(second_cluster, "SELECT (data->>'n')::int AS n FROM events WHERE tenant_id = $1", mover)
     assert sorted(r["n"] for r in target) == sorted(acked)  # every acknowledged write, exactly once
-    assert await _rows(primary, "SELECT 1 FROM events WHERE tenant_id = $1", mover) == []
-    assert await _rows(primary, "SELECT 1 FROM idempotency_keys WHERE tenant_id = $1", mover) == []
-    others = await _rows(primary, "SELECT tenant_id::text AS t FROM events WHERE event_type = $1", marker)
+    assert await rows(primary, "SELECT 1 FROM events WHERE tenant_id = $1", mover) == []
+    assert await rows(primary, "SELECT 1 FROM idempotency_keys WHERE tenant_id = $1", mover) == []
+    others = await rows(primary, "SELECT tenant_id::text AS t FROM events WHERE event_type = $1", marker)
     assert [r["t"] for r in others] == [TENANT_A]  # nobody else moved
-    assert await _rows(second_cluster, "SELECT 1 FROM events WHERE tenant_id = $1", TENANT_A) == []
+    assert await rows(second_cluster, "SELECT 1 FROM events WHERE tenant_id = $1", TENANT_A) == []
 
 
 async def test_move_refuses_bad_targets_and_leaves_the_tenant_serving(scaled_gateway: Any,
