@@ -234,6 +234,13 @@ async def _move(args: argparse.Namespace, settings: Settings) -> int:
     from .move import move_tenant
 
     tenant = _tenant(args.tenant, settings)
+    if args.check:
+        from .tools.preflight import report
+
+        problems = await report(settings, tenant, args.to)
+        for line in problems or ["ready: the online move's requirements hold"]:
+            print(line)
+        return 1 if problems else 0
     moved = await move_tenant(settings, tenant, args.to, args.admin_url,
                               admin_token=os.environ.get(ADMIN_TOKEN_ENV))
     print(f"moved tenant {tenant} to cluster {args.to}: {sum(moved.values())} rows")
@@ -329,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--tenant", required=True)
     p.add_argument("--to", required=True, help="a cluster name under `clusters:` (`default` is `database`)")
+    p.add_argument("--check", action="store_true", help="only check the online move's requirements (logical "
+                   "replication, admin roles, replica identities, an empty target) and name what to fix")
     p.add_argument("--admin-url", help="without control.dsn: the running gateway's admin API (default: "
                                        "server.admin_host:admin_port; token from $TENANT_PROXY_ADMIN_TOKEN)")
     p.set_defaults(func=_lifecycle_command)

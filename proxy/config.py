@@ -94,6 +94,9 @@ class DatabaseConfig:
     pgbouncer_admin_dsn: str | None = None
     # Streaming replicas (each behind its own PgBouncer) for read-only requests.
     replicas: tuple[str, ...] = ()
+    # A direct connection (not through PgBouncer) as a role that may create publications and
+    # subscriptions: `tenant-proxy move` uses it; nothing on the request path does.
+    admin_dsn: str | None = None
 
 
 DEFAULT_CLUSTER = "default"
@@ -106,6 +109,7 @@ class ClusterConfig:
     name: str
     dsn: str
     replicas: tuple[str, ...] = ()
+    admin_dsn: str | None = None  # see DatabaseConfig.admin_dsn
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,8 +268,10 @@ class Settings:
             "server": _asdict(self.server),
             "database": {**_asdict(self.database), "dsn": redact_dsn(self.database.dsn),
                          "pgbouncer_admin_dsn": redact_dsn(self.database.pgbouncer_admin_dsn or "") or None,
+                         "admin_dsn": redact_dsn(self.database.admin_dsn or "") or None,
                          "replicas": [redact_dsn(d) for d in self.database.replicas]},
-            "clusters": {name: {"dsn": redact_dsn(c.dsn), "replicas": [redact_dsn(d) for d in c.replicas]}
+            "clusters": {name: {"dsn": redact_dsn(c.dsn), "replicas": [redact_dsn(d) for d in c.replicas],
+                                "admin_dsn": redact_dsn(c.admin_dsn or "") or None}
                          for name, c in self.clusters.items()},
             "tenancy": _asdict(self.tenancy),
             "defaults": _asdict(self.defaults),

@@ -182,6 +182,13 @@ def _dsn(r: _Reader, raw: Mapping[str, Any], path: str, required: bool) -> str:
     return dsn
 
 
+def _admin_dsn(r: _Reader, raw: Mapping[str, Any], path: str) -> str | None:
+    dsn = r.str_(raw, "admin_dsn", path)
+    if dsn is not None and not dsn.startswith(("postgresql://", "postgres://")):
+        r.fail(f"{path}.admin_dsn", "must be a postgresql:// URL")
+    return dsn
+
+
 def _replicas(r: _Reader, raw: Mapping[str, Any], path: str) -> tuple[str, ...]:
     value = raw.get("replicas", [])
     if not isinstance(value, list):
@@ -231,7 +238,7 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
     if "database" not in raw:
         r.fail("database", "is required")
     d = r.section(raw, "database", {"dsn", "pool_min_size", "pool_max_size", "acquire_timeout_ms",
-                                    "connect_timeout_ms", "pgbouncer_admin_dsn", "replicas"})
+                                    "connect_timeout_ms", "pgbouncer_admin_dsn", "replicas", "admin_dsn"})
     dsn = _dsn(r, d, "database", required="database" in raw)
     database = DatabaseConfig(
         dsn=dsn,
@@ -241,8 +248,10 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
         connect_timeout_ms=r.int_(d, "connect_timeout_ms", "database", 2000, lo=1),
         pgbouncer_admin_dsn=r.str_(d, "pgbouncer_admin_dsn", "database"),
         replicas=_replicas(r, d, "database"),
+        admin_dsn=_admin_dsn(r, d, "database"),
     )
-    clusters = {DEFAULT_CLUSTER: ClusterConfig(DEFAULT_CLUSTER, database.dsn, database.replicas)}
+    clusters = {DEFAULT_CLUSTER: ClusterConfig(DEFAULT_CLUSTER, database.dsn, database.replicas,
+                                               database.admin_dsn)}
     raw_clusters = raw.get("clusters") or {}
     if not isinstance(raw_clusters, dict):
         r.fail("clusters", "must be a mapping of cluster name to {dsn, replicas}")
@@ -255,8 +264,9 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
         if name == DEFAULT_CLUSTER or not SLUG_RE.match(str(name)):
             r.fail(path, f"must be a lower-case name other than {DEFAULT_CLUSTER!r} (that is the database section)")
             continue
-        r.unknown(c, {"dsn", "replicas"}, path)
-        clusters[name] = ClusterConfig(name, _dsn(r, c, path, required=True), _replicas(r, c, path))
+        r.unknown(c, {"dsn", "replicas", "admin_dsn"}, path)
+        clusters[name] = ClusterConfig(name, _dsn(r, c, path, required=True), _replicas(r, c, path),
+                                       _admin_dsn(r, c, path))
     if database.pool_min_size > database.pool_max_size:
         r.fail("database.pool_min_size", f"must be <= pool_max_size ({database.pool_max_size})")
 

@@ -102,6 +102,7 @@ class LocalStack:
     pool_size: int = 20
     replica_of: LocalStack | None = None  # start as a streaming replica of this stack
     tls: bool = False  # PgBouncer also offers TLS to clients (a self-signed certificate)
+    logical: bool = False  # wal_level = logical, for publications (tenant-proxy move's online copy)
     _bouncer: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -207,6 +208,8 @@ full_page_writes = off
 password_encryption = 'scram-sha-256'
 log_min_messages = warning
 """
+        if self.logical:
+            conf += "wal_level = logical\nmax_replication_slots = 10\nmax_wal_senders = 10\n"
         auto = self.data / "postgresql.auto.conf"
         # keep what pg_basebackup -R wrote for a replica (primary_conninfo)
         kept = [line for line in auto.read_text().splitlines() if line.startswith("primary_conninfo")] \
