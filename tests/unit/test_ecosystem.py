@@ -4,9 +4,11 @@ plumbing, the new config keys, and docs/openapi.yaml against the code it describ
 from __future__ import annotations
 
 import datetime as dt
+import re
 import time
 import uuid
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -232,6 +234,16 @@ def test_verifier_reads_the_provider_keys_at_each_request() -> None:
 def test_openapi_document_is_valid_openapi_3_1() -> None:
     assert document()["openapi"] == "3.1.0"
     schemathesis.openapi.from_dict(document()).validate()
+
+
+def test_api_md_error_table_lists_every_code_with_its_status() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    rows = {(m.group(1), m.group(2)) for m in re.finditer(r"^\| `([a-z_]+)` \| (\d{3})", text, re.MULTILINE)}
+    rows |= {("not_found", "404"), ("method_not_allowed", "405")}  # one row for both
+    assert {(k.code, str(k.status)) for k in ALL_KINDS} <= rows
+    from proxy.client import _CODES
+
+    assert {k.code for k in ALL_KINDS} - {"config_invalid", "unsupported_media_type"} <= set(_CODES)
 
 
 def test_openapi_document_matches_the_code() -> None:
