@@ -83,7 +83,11 @@ async def init_connection(conn: asyncpg.Connection) -> None:
     # Types asyncpg decodes to something PostgreSQL does not print (an LSN as an integer,
     # a snapshot as a tuple): PostgreSQL's text, both ways.  ("char" too, as bytes, but
     # asyncpg's set_type_codec takes the name "char" for bpchar.)
-    for name in ("pg_lsn", "txid_snapshot", "pg_snapshot"):
+    # Bit strings and geometric types as PostgreSQL's text too: asyncpg builds them bit by
+    # bit and point by point in Python, so one large value held the event loop for seconds
+    # after its transaction had ended (issue 18, round three).
+    for name in ("pg_lsn", "txid_snapshot", "pg_snapshot", "bit", "varbit", "point", "line", "lseg", "box",
+                 "path", "polygon", "circle"):
         await conn.set_type_codec(name, schema="pg_catalog", encoder=str, decoder=str, format="text")
     # float4 as the shortest decimal that reads back as the same float4 (0.1, as
     # PostgreSQL prints it, not the double 0.10000000149011612).

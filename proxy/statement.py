@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Protocol
 
 import asyncpg
@@ -240,6 +241,9 @@ def _row_size(row: Any) -> int:
             size += len(orjson.dumps(value)) + 8
         elif isinstance(value, (list, tuple)):
             size += _row_size(value) + 8
+        elif isinstance(value, Decimal):  # a numeric may hold 131,072 digits
+            digits = value.as_tuple()
+            size += len(digits.digits) + (abs(digits.exponent) if isinstance(digits.exponent, int) else 0) + 8
         else:
             size += 16
     return size

@@ -181,13 +181,17 @@ async def test_a_float_text_past_double_range_is_refused(api: Api) -> None:
 
 
 async def test_geometric_and_range_parameters_pass_as_text_with_a_cast(api: Api) -> None:
-    """docs/api.md: the driver wants its own objects for these types; text and a cast work."""
+    """Geometric, range and bit-string parameters as text, with or without a cast."""
     r = await api.query("SELECT $1::text::point AS p, $2::text::int4range AS r, $3::text::varbit AS b",
                         "(1.5,2)", "[1,5)", "1010", key=KEY_B, row_format="array")
     assert r.status == 200, r.body
     assert r.body["rows"] == [["(1.5,2)", {"lower": 1, "upper": 5, "lower_inc": True, "upper_inc": False}, "1010"]]
-    r = await api.query("SELECT $1::point AS p", "(1.5,2)", key=KEY_B)
-    assert r.status == 400 and r.code == "invalid_request", r.body
+    # geometric types and bit strings now travel as PostgreSQL's text both ways: no cast needed
+    r = await api.query("SELECT $1::point AS p, $2::varbit AS b, $3::polygon AS g", "(1.5,2)", "1010",
+                        "((0,0),(1,1),(1,0))", key=KEY_B, row_format="array")
+    assert r.status == 200 and r.body["rows"] == [["(1.5,2)", "1010", "((0,0),(1,1),(1,0))"]], r.body
+    r = await api.query("SELECT $1::point AS p", "not a point", key=KEY_B)
+    assert r.status == 422 and r.code == "sql_error", r.body
 
 
 async def test_a_parameter_type_the_driver_cannot_send_is_a_clear_error_not_an_outage(api: Api) -> None:
