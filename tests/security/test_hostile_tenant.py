@@ -338,3 +338,35 @@ async def test_tenant_a_is_not_refused_its_own_work(api: Api) -> None:
     assert r.status == 200 and r.body["rows"] == [{"tenant_id": TENANT_A}]
     r = await api.query("DELETE FROM events WHERE event_type = 'own'")
     assert r.status == 200
+
+
+# ---------------------------------------------------------------- round three: values costly to encode
+
+async def test_large_bit_strings_geometry_and_numerics_neither_freeze_nor_pass_the_cap(
+        gateway_with: Any, admin_db: asyncpg.Connection) -> None:
+    """A 20-million-bit varbit took 9 s of the event loop to encode (asyncpg built it bit by
+    bit), and a numeric counted as 16 bytes let 131 MB pass a 1 MB cap."""
+    before = await b_rows(admin_db)
+    cap = 1_000_000
+    async with gateway_with(tenants={TENANT_A: {"max_response_bytes": cap}}) as api:
+        heavy = [
+            "SELECT repeat('1', 20000000)::varbit AS b",
+            "SELECT polygon(500000, circle '((0,0),1)') AS p FROM generate_series(1, 4)",
+            "SELECT repeat('9', 131000)::numeric AS n FROM generate_series(1, 200)",
+        ]
+        for sql in heavy:
+            attack = asyncio.create_task(api.query(sql, read_only=True))
+            await asyncio.sleep(0.05)
+            worst = 0.0
+            while not attack.done():
+                t0 = time.monotonic()
+                r = await api.query("SELECT 1 AS one", key=KEY_B)
+                worst = max(worst, time.monotonic() - t0)
+                assert r.status == 200, r.body
+            reply = await attack
+            assert worst < 1.0, f"B waited {worst:.2f} s behind {sql}"
+            if reply.status == 200 and reply.body["rows"]:
+                assert len(str(reply.body)) < 3 * cap or reply.body["truncated"] is True, sql
+        r = await api.query("SELECT repeat('9', 131000)::numeric AS n FROM generate_series(1, 200)", read_only=True)
+        assert r.status == 200 and r.body["truncated"] is True and len(r.body["rows"]) < 20
+        await assert_b_unharmed(api, admin_db, before)
