@@ -20,12 +20,10 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import asyncpg
-
 from ..auth import hash_key
-from ..config import Settings, load_config, redact_dsn
+from ..config import Settings, load_config
 from .catalog import Catalog
-from .schema import CatalogError, check, migrate
+from .schema import CatalogError, connect, migrate
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -70,16 +68,11 @@ async def _with_catalog(settings: Settings, run: Callable[[Catalog], Awaitable[i
     dsn = settings.control.dsn
     if dsn is None:
         raise CatalogError("control.dsn is not set in the config: the catalog commands need it (docs/scaling.md)")
-    try:
-        conn = await asyncpg.connect(dsn, statement_cache_size=0, timeout=10)
-    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-        raise CatalogError(f"cannot reach the control catalog at {redact_dsn(dsn)}: {exc}") from None
+    conn = await connect(dsn, checked=not init)
     try:
         if init:
             before, after = await migrate(conn)
             print(f"control catalog: schema version {after}" + ("" if before == after else f" (was {before})"))
-        else:
-            await check(conn)
         return await run(Catalog(conn, settings))
     finally:
         await conn.close()

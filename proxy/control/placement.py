@@ -16,12 +16,10 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
-import asyncpg
-
-from ..config import Settings, redact_dsn
+from ..config import Settings
 from ..lifecycle import LifecycleError
 from .catalog import Catalog
-from .schema import SCHEMA, CatalogError, check
+from .schema import SCHEMA, CatalogError, connect
 
 FLEET_TIMEOUT_S = 60.0
 
@@ -44,16 +42,11 @@ class FleetPlacement:
     @classmethod
     @contextlib.asynccontextmanager
     async def open(cls, settings: Settings, tenant: str, say: Callable[[str], None]) -> AsyncIterator[FleetPlacement]:
-        dsn = settings.control.dsn or ""
         try:
-            conn = await asyncpg.connect(dsn, statement_cache_size=0, timeout=10)
-        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-            raise LifecycleError(f"cannot reach the control catalog at {redact_dsn(dsn)}: {exc}") from None
+            conn = await connect(settings.control.dsn or "")
+        except CatalogError as exc:
+            raise LifecycleError(str(exc)) from None
         try:
-            try:
-                await check(conn)
-            except CatalogError as exc:
-                raise LifecycleError(str(exc)) from None
             yield cls(conn, settings, tenant, say)
         finally:
             await conn.close()

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import asyncpg
+
+from ..config import redact_dsn
+
 SCHEMA = "tenant_proxy"
 CHANNEL = "tenant_proxy_changes"
 
@@ -86,6 +90,23 @@ class CatalogError(Exception):
 
 class CatalogNotFound(CatalogError):
     """The tenant or key named is not in the catalog."""
+
+
+async def connect(dsn: str, *, checked: bool = True, timeout_s: float = 10.0) -> asyncpg.Connection:
+    """A direct connection to the catalog's database, the catalog's version checked unless
+    ``checked`` is false (control init); CatalogError names an unreachable one."""
+    try:
+        conn = await asyncpg.connect(dsn, statement_cache_size=0, timeout=timeout_s)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise CatalogError(f"cannot reach the control catalog at {redact_dsn(dsn)}: "
+                           f"{type(exc).__name__}: {exc}") from None
+    if checked:
+        try:
+            await check(conn)
+        except BaseException:
+            conn.terminate()
+            raise
+    return conn
 
 
 async def schema_version(conn: Any) -> int | None:

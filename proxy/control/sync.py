@@ -28,15 +28,15 @@ from typing import Any
 import asyncpg
 from prometheus_client import CollectorRegistry, Gauge
 
-from ..config import ControlConfig, Settings, redact_dsn
+from ..config import ControlConfig, Settings
 from . import view as views
 from .catalog import Catalog
-from .schema import CHANNEL, SCHEMA, CatalogError, check
+from .schema import CHANNEL, SCHEMA, CatalogError, connect
 
 log = logging.getLogger("tenant_proxy.control")
 
 BACKOFF_S = (0.1, 5.0)
-_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, CatalogError)
 
 
 def instance_id() -> str:
@@ -84,11 +84,7 @@ class ControlSync:
     async def start(self) -> None:
         """Connect, check the catalog's version, read it whole and apply it: the gateway
         starts serving only with a view (a catalog that cannot be read stops the start)."""
-        try:
-            await self._connect()
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise CatalogError(f"cannot reach the control catalog at {redact_dsn(self.cfg.dsn or '')}: "
-                               f"{type(exc).__name__}: {exc}") from None
+        await self._connect()
         self._task = asyncio.create_task(self._run())
 
     async def caught_up(self, version: int, timeout_s: float = 5.0) -> bool:
@@ -125,9 +121,8 @@ class ControlSync:
     # ------------------------------------------------------------------ the loop
     async def _connect(self) -> None:
         async with asyncio.timeout(max(self._op_timeout, 5.0)):
-            conn = await asyncpg.connect(self.cfg.dsn, statement_cache_size=0)
+            conn = await connect(self.cfg.dsn or "", timeout_s=max(self._op_timeout, 5.0))
             try:
-                await check(conn)
                 await conn.execute(f"DELETE FROM {SCHEMA}.instances WHERE heartbeat_at < now() - interval '1 day'")
                 await conn.add_listener(CHANNEL, self._notified)
                 conn.add_termination_listener(lambda _c: self._wake.set())

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import DEFAULT_CLUSTER, Settings, TenancyConfig
-from ..control.schema import SCHEMA
+from ..control.schema import SCHEMA, CatalogError, connect
 from ..lifecycle import LifecycleError, TenantTable, tenant_tables
 
 OFFLINE_HINT = ("or run `tenant-proxy move --offline`, which pauses the tenant's writes for the whole copy "
@@ -155,9 +155,10 @@ async def report(settings: Settings, tenant: str, target: str) -> list[str]:
 async def _placement(settings: Settings, tenant: str) -> str:
     if settings.control.dsn is None:
         return settings.limits_for(tenant).cluster
-    import asyncpg
-
-    conn = await asyncpg.connect(settings.control.dsn, timeout=10)
+    try:
+        conn = await connect(settings.control.dsn)
+    except CatalogError as exc:
+        raise LifecycleError(str(exc)) from None
     try:
         cluster = await conn.fetchval(f"SELECT cluster FROM {SCHEMA}.tenants WHERE id = $1", tenant)
     finally:

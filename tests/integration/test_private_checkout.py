@@ -97,7 +97,8 @@ async def test_make_run_serves_the_demo_from_a_private_checkout(private_checkout
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="only root hands the cluster to the postgres user")
+@pytest.mark.skipif(os.geteuid() != 0,  # allowed-skip: only root can hand a cluster to postgres; CI runs as root
+                    reason="only root hands the cluster to the postgres user")
 def test_a_cluster_dir_the_postgres_user_cannot_reach_is_named(private_checkout: Path) -> None:
     config, _, _ = _dev_config(private_checkout, free_port())
     proc = _dev(private_checkout, {}, "--config", str(config), "--dir", str(private_checkout / ".dev"),
