@@ -242,8 +242,9 @@ async def _move(args: argparse.Namespace, settings: Settings) -> int:
             print(line)
         return 1 if problems else 0
     moved = await move_tenant(settings, tenant, args.to, args.admin_url,
-                              admin_token=os.environ.get(ADMIN_TOKEN_ENV))
-    print(f"moved tenant {tenant} to cluster {args.to}: {sum(moved.values())} rows")
+                              admin_token=os.environ.get(ADMIN_TOKEN_ENV), offline=args.offline)
+    print(f"moved tenant {tenant} to cluster {args.to}: {sum(moved.rows.values())} rows in {moved.total_s:.1f} s, "
+          f"writes paused {moved.pause_ms:.0f} ms")
     return 0
 
 
@@ -338,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, help="a cluster name under `clusters:` (`default` is `database`)")
     p.add_argument("--check", action="store_true", help="only check the online move's requirements (logical "
                    "replication, admin roles, replica identities, an empty target) and name what to fix")
+    p.add_argument("--offline", action="store_true", help="copy by export and import with the tenant's writes "
+                   "paused throughout, for sources without logical replication (wal_level = logical)")
     p.add_argument("--admin-url", help="without control.dsn: the running gateway's admin API (default: "
                                        "server.admin_host:admin_port; token from $TENANT_PROXY_ADMIN_TOKEN)")
     p.set_defaults(func=_lifecycle_command)

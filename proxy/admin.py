@@ -70,8 +70,12 @@ async def hotspots(request: web.Request) -> web.Response:
 
 
 async def tenant(request: web.Request) -> web.Response:
-    """One tenant's figures, whether or not it is in the top set."""
-    return web.json_response(request.app[GATEWAY].metrics.tenant(_tenant_id(request)))
+    """One tenant's figures, whether or not it is in the top set, and its read-write
+    transactions in flight (what `tenant-proxy move` waits on once writes are paused) and
+    its cluster."""
+    gw, tenant_id = request.app[GATEWAY], _tenant_id(request)
+    return web.json_response({**gw.metrics.tenant(tenant_id), "writing": gw.writing.get(tenant_id, 0),
+                              "cluster": gw.runtime.settings.limits_for(tenant_id).cluster})
 
 
 async def reload(request: web.Request) -> web.Response:

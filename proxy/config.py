@@ -81,6 +81,9 @@ class ServerConfig:
     # An idle keep-alive connection is closed after this (aiohttp's own default is an hour).
     keepalive_timeout_s: float = 75.0
     neon_sql_endpoint: bool = False  # POST /sql speaking Neon's serverless-driver HTTP protocol
+    # A write that meets a move's pause waits this long for it to end, then runs where the
+    # tenant now is (0: answer 503 tenant_moving at once).
+    write_hold_s: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -215,7 +215,7 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
     s = r.section(raw, "server", {"host", "port", "admin_host", "admin_port", "max_request_bytes",
                                   "shutdown_timeout_s", "body_timeout_s", "header_timeout_s", "keepalive_timeout_s",
                                   "drain_s", "stream_threshold_rows", "stream_batch_rows", "stream_write_timeout_s",
-                                  "neon_sql_endpoint"})
+                                  "neon_sql_endpoint", "write_hold_s"})
     server = ServerConfig(
         host=r.str_(s, "host", "server", default="127.0.0.1") or "127.0.0.1",
         port=r.int_(s, "port", "server", 8080, lo=0, hi=65535),
@@ -231,6 +231,7 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
         stream_batch_rows=r.int_(s, "stream_batch_rows", "server", 1000, lo=1),
         stream_write_timeout_s=r.number(s, "stream_write_timeout_s", "server", 30.0, lo=0.1),
         neon_sql_endpoint=r.bool_(s, "neon_sql_endpoint", "server", False),
+        write_hold_s=r.number(s, "write_hold_s", "server", 2.0, lo=0.0),
     )
     if server.port and server.port == server.admin_port and server.host == server.admin_host:
         r.fail("server.admin_port", "must differ from server.port")

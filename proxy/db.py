@@ -99,6 +99,13 @@ class TxRequest:
     # Rows past about this many bytes are cut off ("truncated"); 0: no limit.
     max_bytes: int = 0
 
+    @property
+    def read_limit(self) -> int:
+        """The most bytes the connection may bring in for this transaction's rows before
+        they are cut (a streamed result: per batch): twice ``max_bytes`` and a MiB, so
+        that only a result far past the cap is refused instead of cut."""
+        return 2 * self.max_bytes + (1 << 20) if self.max_bytes else 0
+
 
 @dataclass(slots=True)
 class Outcome:
@@ -231,6 +238,8 @@ class Database:
         # costs a check and an indirection.  Only the release goes through the proxy.
         raw: GatewayConnection = conn._con
         writer = raw.gateway_writer
+        if writer is not None:
+            writer.arm_read_limit(tx.read_limit)
         try:
             return await self._run(raw, writer, tx, sql, client_timeout)
         finally:
@@ -239,6 +248,7 @@ class Database:
             self.recent.append((time.monotonic(), trace.wait_s or 0.0, trace.db_s))
             if writer is not None:
                 writer.front = None  # a prefix that never went out (the request failed first)
+                writer.read_limit = 0
             await _release(self.pool, conn, self.cfg.acquire_timeout_ms / 1000)
 
     async def _run(self, conn: asyncpg.Connection, writer: SplicingTransport | None, tx: TxRequest, sql: _TxSql,
@@ -274,6 +284,8 @@ class Database:
                 results = [await run_statement(conn, st, client_timeout, tx.max_rows, tx.sink,
                                                commit=tail if i == last else None)
                            for i, st in enumerate(tx.statements)]
+            if writer is not None:
+                writer.read_limit = 0  # the rows are in; what follows is the gateway's own
             if tx.max_bytes:
                 cap_bytes(results, tx.max_bytes)
             if results and results[-1].committed:
@@ -296,6 +308,9 @@ class Database:
             conn.set_gateway_tx_open(False)
             return Outcome(results=results, body=body)
         except asyncpg.PostgresError as exc:
+            if writer is not None and writer.overread and not committing:
+                _terminate(conn)
+                raise _overread(tx) from None
             if committing and _connection_lost(exc):
                 _terminate(conn)
                 raise _outcome_unknown() from None
@@ -328,6 +343,8 @@ class Database:
                                "text and cast it in the statement ($1::text::the_type), or select it ::text") from None
             broken = "cannot switch to state" in message or conn.is_closed()
             _terminate(conn)  # the connection's protocol state is unknown
+            if writer is not None and writer.overread and not committing:
+                raise _overread(tx) from None
             if broken:
                 # A message nobody asked for took the protocol over between two steps
                 # (PgBouncer passing on the FATAL of a backend that was terminated).
@@ -347,6 +364,8 @@ class Database:
                            "cast it to text") from None
         except _CONNECTION_ERRORS as exc:
             _terminate(conn)
+            if writer is not None and writer.overread and not committing:
+                raise _overread(tx) from None
             raise (_outcome_unknown() if committing else _unavailable(exc)) from None
         except asyncio.CancelledError:
             # The client hung up.  asyncpg has sent PostgreSQL a cancel request for the
@@ -461,6 +480,14 @@ async def _rollback(conn: asyncpg.Connection) -> None:
 def _connection_lost(exc: asyncpg.PostgresError) -> bool:
     """The server's word that the connection is gone (class 08, or the backend shut down)."""
     return (exc.sqlstate or "").startswith("08") or exc.sqlstate in ("57P01", "57P02", "57P03")
+
+
+def _overread(tx: TxRequest) -> ApiError:
+    """The meter cut the connection (wire.py): the result passed ``tx.read_limit``.  The
+    transaction never reached its COMMIT (a READ ONLY one's may have, and wrote nothing)."""
+    return ApiError(SQL_ERROR_DATA, f"the result is far larger than this tenant's max_response_bytes "
+                    f"({tx.max_bytes} bytes) and was refused before it was read; nothing was committed. "
+                    "Add a LIMIT, or select less", sqlstate="54000")
 
 
 def _outcome_unknown() -> ApiError:

@@ -1,12 +1,12 @@
 """Verdicts on caller SQL, from PostgreSQL's own parser (pglast).  Pure; cached by text.
 
-An allow-list: one statement, whose top level is SELECT, INSERT, UPDATE, DELETE or
-MERGE.  Anywhere in the tree, every other statement kind is refused (SET/RESET,
-transaction control, DO, COPY, LISTEN/NOTIFY, PREPARE, cursors, LOCK, DDL, EXPLAIN,
-CALL unless allow-listed), and so are SELECT INTO, calls to functions that change
+An allow-list: one statement, whose top level is SELECT, INSERT, UPDATE or DELETE.
+Anywhere in the tree, every other statement kind is refused (SET/RESET, transaction
+control, DO, COPY, LISTEN/NOTIFY, PREPARE, cursors, LOCK, DDL, EXPLAIN, MERGE, CALL
+unless allow-listed), and so are SELECT INTO, calls to functions that change
 settings, run SQL text, take advisory locks, touch server files or show other
-tenants' activity, the activity views, any name in ``pg_temp``, writes to catalog
-relations, and ``ON CONFLICT ... DO UPDATE ... WHERE``.  Names are
+tenants' activity, the activity views and pg_class, any name in ``pg_temp``, writes to
+catalog relations, and ``ON CONFLICT ... DO UPDATE ... WHERE``.  Names are
 compared after the parser has resolved quoting, unicode escapes and schema
 qualification, so ``"set_config"``, ``pg_catalog.set_config`` and
 ``U&"set\\0063onfig"`` are all the same call.
@@ -32,10 +32,9 @@ _TOP_LEVEL = {
     ast.InsertStmt: "INSERT",
     ast.UpdateStmt: "UPDATE",
     ast.DeleteStmt: "DELETE",
-    ast.MergeStmt: "MERGE",
 }
-# Statement node types that may appear nested (CTEs, subqueries, EXPLAIN's target).
-_NESTED_OK = (ast.SelectStmt, ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
+# Statement node types that may appear nested (CTEs, subqueries).
+_NESTED_OK = (ast.SelectStmt, ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt)
 
 # Every tenant runs as one role: "your own backends" are every tenant's (SQL text, locks,
 # row counts, sizes), and cluster-wide counters show others' activity; the size functions
@@ -50,6 +49,9 @@ ACTIVITY_FUNCTIONS = frozenset({
     "pg_relation_size", "pg_table_size", "pg_total_relation_size", "pg_indexes_size", "pg_database_size",
     "pg_tablespace_size", "pg_prepared_xact", "pg_get_backend_memory_contexts",
     "pg_stat_statements", "pg_stat_statements_info",
+    # the transaction counter and commit times of any transaction id, and the control file's counters
+    "mxid_age", "pg_xact_commit_timestamp", "pg_xact_commit_timestamp_origin", "pg_last_committed_xact",
+    "pg_control_checkpoint", "pg_control_system", "pg_control_init", "pg_control_recovery",
 })
 ACTIVITY_PREFIX = "pg_stat_get_"
 
@@ -88,7 +90,9 @@ DENIED_PREFIXES = ("dblink", "lo_", "pg_ls_", "pg_replication_", "pg_create_", "
                    "pg_advisory", "pg_try_advisory", ACTIVITY_PREFIX)
 # Views of every tenant's activity (the functions behind them are denied too).
 DENIED_RELATIONS = frozenset({"pg_locks", "pg_prepared_xacts", "pg_backend_memory_contexts", "pg_stat_statements",
-                              "pg_stat_statements_info"})
+                              "pg_stat_statements_info",
+                              # reltuples, relpages, relallvisible: every tenant's rows, per table and partition
+                              "pg_class"})
 DENIED_RELATION_PREFIXES = ("pg_stat_", "pg_statio_")
 _PG_TEMP = re.compile(r"^pg_temp(_\d+)?$")
 _CATALOG_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
@@ -210,6 +214,12 @@ class Guard:
             if name not in self._allow_call:
                 raise _Rejected(f"CALL {name} is not allowed")
             return "CALL"
+        if isinstance(top, ast.MergeStmt):
+            # PostgreSQL checks a matched target row against the UPDATE/DELETE policies by
+            # raising an error, not by leaving the row out: the error tells whether another
+            # tenant's row matched the join condition, an oracle on any of its values.
+            raise _Rejected("MERGE is not allowed: PostgreSQL reports another tenant's matching row as an "
+                            "error; use INSERT ... ON CONFLICT, UPDATE or DELETE")
         command = _TOP_LEVEL.get(type(top))
         if command is None:
             raise _Rejected(f"{_kind(top)} is not allowed")
@@ -227,13 +237,16 @@ class Guard:
                 raise _Rejected("temporary objects are not allowed")
             if node.schemaname in (None, "pg_catalog") and (
                     node.relname in DENIED_RELATIONS or node.relname.startswith(DENIED_RELATION_PREFIXES)):
+                if node.relname == "pg_class":
+                    raise _Rejected("pg_class is not allowed: its row and page counts cover every tenant's rows; "
+                                    "use information_schema or pg_tables")
                 raise _Rejected(f"{node.relname} is not allowed: it shows every tenant's activity")
         elif isinstance(node, ast.OnConflictClause):
             if node.action == enums.OnConflictAction.ONCONFLICT_UPDATE and node.whereClause is not None:
                 # PostgreSQL evaluates it on the conflicting row before RLS checks that row.
                 raise _Rejected("ON CONFLICT ... DO UPDATE ... WHERE is not allowed: filter in the DO UPDATE's "
                                 "SET (CASE) or in a separate UPDATE")
-        elif isinstance(node, (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)):
+        elif isinstance(node, (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt)):
             rel = node.relation
             if rel.schemaname in _CATALOG_SCHEMAS or (rel.schemaname is None and rel.relname.startswith("pg_")):
                 raise _Rejected(f"writes to catalog relation {rel.relname} are not allowed")

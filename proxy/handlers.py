@@ -291,12 +291,40 @@ async def _guarded(gw: Gateway, tenant: Tenant, plan: Plan, trace: RequestTrace)
 async def _admitted(request: web.Request, gw: Gateway, tenant: Tenant, plan: Plan, raw: bytes,
                     trace: RequestTrace) -> web.StreamResponse:
     """Guard, then run the plan in the tenant's transaction and answer."""
-    opts = plan.options
     statements = await _guarded(gw, tenant, plan, trace)
+    held_until = None
+    while True:
+        try:
+            return await _placed(request, gw, tenant.id, plan, statements, raw, trace)
+        except _Paused as paused:
+            # A move's cut-over is short: the write waits for it, then runs where the tenant is now.
+            hold = gw.runtime.settings.server.write_hold_s
+            held_until = held_until or time.monotonic() + hold
+            if paused.error.kind is not TENANT_MOVING or not await _pause_ends(gw, tenant.id, held_until):
+                raise paused.error from None
+
+
+class _Paused(Exception):
+    def __init__(self, error: ApiError) -> None:
+        self.error = error
+
+
+async def _pause_ends(gw: Gateway, tenant_id: str, until: float) -> bool:
+    while time.monotonic() < until:
+        await asyncio.sleep(0.01)
+        if not gw.runtime.settings.limits_for(tenant_id).moving:
+            return True
+    return False
+
+
+async def _placed(request: web.Request, gw: Gateway, tenant_id: str, plan: Plan, statements: list[Statement],
+                  raw: bytes, trace: RequestTrace) -> web.StreamResponse:
+    """Run the plan where the tenant is placed now; a write refused by a pause raises ``_Paused``."""
+    opts = plan.options
     # From here to the transaction's end nothing awaits before the write count is taken:
     # the placement and pause read now are the ones a move waits on (see Gateway.drain_writes).
     rt = gw.runtime
-    tenant = Tenant(tenant.id, rt.settings.limits_for(tenant.id))
+    tenant = Tenant(tenant_id, rt.settings.limits_for(tenant_id))
     paused = None if opts.read_only else _write_pause(gw, tenant.limits)
     if paused is not None:
         # Reads go on: the request runs READ ONLY, so PostgreSQL itself refuses any write
@@ -311,7 +339,7 @@ async def _admitted(request: web.Request, gw: Gateway, tenant: Tenant, plan: Pla
         return await _answer(request, gw, tenant, plan, opts, statements, claim, trace)
     except ApiError as err:
         if paused is not None and err.sqlstate == READ_ONLY_SQL_TRANSACTION:
-            raise paused from None
+            raise _Paused(paused) from None
         raise
     finally:
         if not opts.read_only:
@@ -325,7 +353,7 @@ async def _admitted(request: web.Request, gw: Gateway, tenant: Tenant, plan: Pla
 def _write_pause(gw: Gateway, limits: Limits) -> ApiError | None:
     """Why this instance may not write for the tenant now, if it may not."""
     if limits.moving:  # `tenant-proxy move` is copying the tenant to another cluster
-        return ApiError(TENANT_MOVING, "this tenant's data is being moved; retry shortly", retry_after_s=2)
+        return ApiError(TENANT_MOVING, "this tenant's data is being moved; retry shortly", retry_after_s=1)
     if gw.control is not None and not gw.control.fresh():
         return ApiError(CONTROL_UNAVAILABLE, "this gateway instance has lost touch with the control catalog; "
                         "writes are refused until it is back (reads are served)", retry_after_s=2)

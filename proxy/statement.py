@@ -155,7 +155,8 @@ async def run_statement(conn: asyncpg.Connection, st: Statement, timeout: float,
     except (ValueError, OverflowError) as exc:  # UnicodeDecodeError is a ValueError
         raise _undecodable(exc) from None
     if streaming and sink is not None and len(rows) > sink.threshold:
-        return await _streamed(protocol, state, portal, rows, st, columns, oids, timeout, max_rows, sink)
+        return await _streamed(protocol, state, portal, rows, st, columns, oids, timeout, max_rows, sink,
+                               getattr(conn, "gateway_writer", None))
     truncated = len(rows) > max_rows
     if truncated:
         del rows[max_rows:]
@@ -172,13 +173,15 @@ async def run_statement(conn: asyncpg.Connection, st: Statement, timeout: float,
 
 async def _streamed(protocol: Any, state: Any, portal: str, rows: list[asyncpg.Record], st: Statement,
                     columns: list[tuple[str, str]], oids: list[int], timeout: float, max_rows: int,
-                    sink: RowSink) -> Result:
+                    sink: RowSink, meter: Any) -> Result:
     """Past ``sink.threshold`` rows, hand the result to the sink batch by batch, reading
-    the open portal on, instead of holding the whole result."""
+    the open portal on, instead of holding the whole result.  With a read meter (wire.py),
+    a batch is sized to take about a quarter of its limit, by the rows read so far."""
     await sink.start(columns)
     sent, truncated, done = 0, False, False
     while rows:
         take = rows[:max_rows - sent]
+        row_bytes = meter.read_used // len(rows) + 1 if meter is not None and meter.read_limit else 0
         if not await sink.rows(take):
             truncated = True  # the response reached max_response_bytes
             break
@@ -188,7 +191,11 @@ async def _streamed(protocol: Any, state: Any, portal: str, rows: list[asyncpg.R
             break
         if done:
             break
+        del rows, take  # the batch went out: let its memory go before the next one comes in
         want = 1 if sent == max_rows else min(sink.batch_rows, max_rows - sent + 1)
+        if row_bytes:
+            meter.read_used = 0
+            want = max(1, min(want, meter.read_limit // 4 // row_bytes))
         try:
             rows, _, done = await protocol.execute(state, portal, want, True, timeout)
         except (ValueError, OverflowError) as exc:

@@ -23,14 +23,30 @@ class SplicingTransport:
     """The transport asyncpg's protocol writes through.  It passes every write on, except
     that messages armed in ``front`` go in front of the next write, and messages armed
     in ``before_sync`` go in front of the Sync that ends the next write ending in one
-    (asyncpg writes Bind+Execute+Sync as one): in the same send, each used once."""
+    (asyncpg writes Bind+Execute+Sync as one): in the same send, each used once.
 
-    __slots__ = ("_transport", "before_sync", "front")
+    It also meters what the connection reads (``_Meter``): with ``read_limit`` set, once
+    more than that many bytes arrived since ``read_used`` was last zeroed, the connection
+    is aborted and ``overread`` set.  asyncpg decodes a whole batch of rows before it
+    hands any over, so this is what bounds the memory one response can take (a row of
+    ``repeat('x', 500000000)`` is one message)."""
+
+    __slots__ = ("_transport", "before_sync", "front", "overread", "read_limit", "read_used")
 
     def __init__(self, transport: Any) -> None:
         self._transport = transport
         self.front: bytes | None = None
         self.before_sync: bytes | None = None
+        self.read_limit = 0  # 0: not metered
+        self.read_used = 0
+        self.overread = False
+
+    def arm_read_limit(self, limit: int) -> None:
+        self.read_limit, self.read_used, self.overread = limit, 0, False
+
+    def set_protocol(self, protocol: Any) -> None:
+        """asyncpg's TLS path hands its protocol over itself: meter it too."""
+        self._transport.set_protocol(protocol if isinstance(protocol, _Meter) else _Meter(protocol, self))
 
     def write(self, data: Any) -> None:
         front, tail = self.front, self.before_sync
@@ -52,6 +68,42 @@ class SplicingTransport:
         return getattr(self._transport, name)
 
 
+class _Meter(asyncio.Protocol):
+    """Between the transport and asyncpg's protocol: counts what arrives against the
+    ``SplicingTransport``'s ``read_limit``, and passes everything on."""
+
+    __slots__ = ("_protocol", "_writer")
+
+    def __init__(self, protocol: Any, writer: SplicingTransport) -> None:
+        self._protocol = protocol
+        self._writer = writer
+
+    def data_received(self, data: Any) -> None:
+        writer = self._writer
+        if writer.read_limit:
+            writer.read_used += len(data)
+            if writer.read_used > writer.read_limit:
+                writer.overread = True
+                writer._transport.abort()  # asyncpg's protocol hears connection_lost
+                return
+        self._protocol.data_received(data)
+
+    def connection_made(self, transport: Any) -> None:
+        self._protocol.connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._protocol.connection_lost(exc)
+
+    def eof_received(self) -> Any:
+        return self._protocol.eof_received()
+
+    def pause_writing(self) -> None:
+        self._protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._protocol.resume_writing()
+
+
 class _Adopt(asyncio.Protocol):
     """Hands the new transport to asyncpg's protocol through a ``SplicingTransport``
     (asyncpg's own TLS upgrade path does the same with ``set_protocol``)."""
@@ -62,7 +114,7 @@ class _Adopt(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:  # uvloop's transports are no asyncio.Transport
         self.writer = SplicingTransport(transport)
-        transport.set_protocol(self.protocol)
+        transport.set_protocol(_Meter(self.protocol, self.writer))
         self.protocol.connection_made(self.writer)
 
 

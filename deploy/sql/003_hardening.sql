@@ -86,7 +86,11 @@ BEGIN
         'pg_last_wal_replay_lsn', 'pg_last_xact_replay_timestamp',
         'pg_relation_size', 'pg_table_size', 'pg_total_relation_size', 'pg_indexes_size', 'pg_database_size',
         'pg_tablespace_size', 'pg_prepared_xact', 'pg_get_backend_memory_contexts',
-        'pg_stat_statements', 'pg_stat_statements_info']))
+        'pg_stat_statements', 'pg_stat_statements_info',
+        'mxid_age', 'pg_xact_commit_timestamp', 'pg_xact_commit_timestamp_origin', 'pg_last_committed_xact',
+        'pg_control_checkpoint', 'pg_control_system', 'pg_control_init', 'pg_control_recovery'])
+      -- age(xid) counts from the current transaction id; age(timestamp) stays
+      OR p.oid = 'pg_catalog.age(xid)'::regprocedure)
   LOOP
     EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
     EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO pg_monitor', f);

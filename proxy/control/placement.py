@@ -25,6 +25,7 @@ FLEET_TIMEOUT_S = 60.0
 
 
 class Coordinator(Protocol):
+    async def placement(self) -> str: ...            # the cluster serving the tenant now
     async def pause(self, target: str) -> str: ...   # writes paused and drained; returns the source cluster
     async def flip(self, target: str) -> None: ...   # placement switched (writes still paused)
     async def resume(self) -> None: ...
@@ -57,6 +58,13 @@ class FleetPlacement:
         except CatalogError as exc:
             raise LifecycleError(str(exc)) from None
         return await self.catalog.version()
+
+    async def placement(self) -> str:
+        row = await self.catalog.tenant(self.tenant)
+        if row is None:
+            raise LifecycleError(f"tenant {self.tenant} is not registered in the control catalog "
+                                 f"(`tenant-proxy tenants add --tenant {self.tenant}`)")
+        return str(row["cluster"])
 
     async def pause(self, target: str) -> str:
         row = await self.catalog.tenant(self.tenant)

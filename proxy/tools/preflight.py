@@ -124,35 +124,43 @@ async def check(source: Any, target: Any, tenancy: TenancyConfig, tenant: str) -
 async def report(settings: Settings, tenant: str, target: str) -> list[str]:
     """`tenant-proxy move --check`: the problems as lines (empty: ready), through the
     clusters' admin_dsn; the tenant's cluster from the control catalog when there is one."""
-    import asyncpg
-
     if target not in settings.clusters:
         raise LifecycleError(f"--to {target!r}: no such cluster in the config (known: "
                              f"{', '.join(sorted(settings.clusters))})")
-    source = await _placement(settings, tenant)
+    source = await placement(settings, tenant)
     if source == target:
         raise LifecycleError(f"tenant {tenant} is already on cluster {target}")
-    dsns = {}
+    src, dst = await open_admin(settings, source, target)
+    try:
+        problems = await check(src, dst, settings.tenancy, tenant)
+    finally:
+        await src.close()
+        await dst.close()
+    return [str(p) for p in problems] + ([f"({OFFLINE_HINT})"] if problems else [])
+
+
+async def open_admin(settings: Settings, source: str, target: str) -> tuple[Any, Any]:
+    """Direct connections to both clusters as their ``admin_dsn`` says."""
+    import asyncpg
+
+    dsns = []
     for role, name in (("source", source), ("target", target)):
         dsn = settings.clusters[name].admin_dsn
         if dsn is None:
             where = "database" if name == DEFAULT_CLUSTER else f"clusters.{name}"
             raise LifecycleError(f"{where}.admin_dsn is not set: the {role} cluster {name!r} needs a direct "
                                  f"connection as an admin role ({OFFLINE_HINT})")
-        dsns[role] = dsn
-    src = await asyncpg.connect(dsns["source"], timeout=10)
+        dsns.append(dsn)
+    src = await asyncpg.connect(dsns[0], timeout=10)
     try:
-        dst = await asyncpg.connect(dsns["target"], timeout=10)
-        try:
-            problems = await check(src, dst, settings.tenancy, tenant)
-        finally:
-            await dst.close()
-    finally:
+        return src, await asyncpg.connect(dsns[1], timeout=10)
+    except BaseException:
         await src.close()
-    return [str(p) for p in problems] + ([f"({OFFLINE_HINT})"] if problems else [])
+        raise
 
 
-async def _placement(settings: Settings, tenant: str) -> str:
+async def placement(settings: Settings, tenant: str) -> str:
+    """The tenant's cluster: the control catalog's, or the config's without one."""
     if settings.control.dsn is None:
         return settings.limits_for(tenant).cluster
     try:

@@ -34,6 +34,12 @@ def second_cluster() -> Iterator[LocalStack]:
     yield from _stack()
 
 
+@pytest.fixture(scope="session")
+def logical() -> Iterator[LocalStack]:
+    """A cluster that can publish (wal_level = logical): the online move's source."""
+    yield from _stack(logical=True)
+
+
 @pytest.fixture
 def scaled_gateway(primary: LocalStack) -> Any:
     def start(**overrides: Any) -> Any:

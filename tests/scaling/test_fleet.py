@@ -276,7 +276,7 @@ async def test_move_through_the_fleet_loses_and_duplicates_nothing(primary: Loca
                                                                    tmp_path: Path) -> None:
     mover = str(uuid.uuid4())
     marker = f"fleet-move-{uuid.uuid4()}"
-    overrides = {"clusters": {"eu": {"dsn": second_cluster.gateway_dsn}}}
+    overrides = {"clusters": {"eu": {"dsn": second_cluster.gateway_dsn}}, "server": {"write_hold_s": 0}}
     async with fleet(primary, tmp_path, overrides=overrides) as f:
         assert (await f.cli("tenants", "add", "--config", str(f.config), "--tenant", mover))[0] == 0
         await within(1.0)(lambda: _all(f.statuses(key=KEY_ANY, tenant=mover), 200))
@@ -306,8 +306,8 @@ async def test_move_through_the_fleet_loses_and_duplicates_nothing(primary: Loca
 
         task = asyncio.create_task(writer())
         await asyncio.sleep(0.5)
-        moved = await move_tenant(settings, mover, "eu", say=lambda _: None)
-        assert moved["public.events"] >= 1
+        moved = await move_tenant(settings, mover, "eu", say=lambda _: None, offline=True)
+        assert moved.rows["public.events"] >= 1
         await asyncio.sleep(0.5)
         stop.set()
         await task
@@ -377,7 +377,7 @@ async def test_bad_input_gets_a_clear_error_and_changes_nothing(primary: LocalSt
         await admin.execute(f"DROP DATABASE {empty} WITH (FORCE)")
         await admin.close()
     with pytest.raises(LifecycleError):
-        await move_tenant(load_config(gone, {}), TENANT_A, "default", say=lambda _: None)
+        await move_tenant(load_config(gone, {}), TENANT_A, "default", say=lambda _: None, offline=True)
 
 
 async def test_a_catalog_in_the_tenants_database_is_out_of_the_gateway_roles_reach(primary: LocalStack,

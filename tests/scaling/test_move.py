@@ -20,7 +20,8 @@ from .conftest import rows
 async def test_move_while_writing(scaled_gateway: Any, primary: LocalStack, second_cluster: LocalStack) -> None:
     mover = str(uuid.uuid4())
     marker = f"move-{uuid.uuid4()}"
-    overrides = {"clusters": {"eu": {"dsn": second_cluster.gateway_dsn}}}
+    # write_hold_s 0: the offline pause answers writes with 503 at once, which the client retries
+    overrides = {"clusters": {"eu": {"dsn": second_cluster.gateway_dsn}}, "server": {"write_hold_s": 0}}
     acked: list[int] = []
     stop = asyncio.Event()
     async with scaled_gateway(**overrides) as api:
@@ -43,8 +44,8 @@ async def test_move_while_writing(scaled_gateway: Any, primary: LocalStack, seco
 
         task = asyncio.create_task(writer())
         await asyncio.sleep(0.5)
-        moved = await move_tenant(settings, mover, "eu", admin_url, say=lambda _: None)
-        assert moved["public.events"] >= 1
+        moved = await move_tenant(settings, mover, "eu", admin_url, say=lambda _: None, offline=True)
+        assert moved.rows["public.events"] >= 1
         await asyncio.sleep(0.3)  # writes go on, now on the new cluster
         stop.set()
         retried = await task
@@ -67,9 +68,9 @@ async def test_move_refuses_bad_targets_and_leaves_the_tenant_serving(scaled_gat
         admin_url = f"http://127.0.0.1:{api.running.admin_port}"
         settings = api.running.gateway.runtime.settings
         with pytest.raises(LifecycleError, match="no such cluster"):
-            await move_tenant(settings, TENANT_A, "mars", admin_url)
+            await move_tenant(settings, TENANT_A, "mars", admin_url, offline=True)
         with pytest.raises(LifecycleError, match="already on cluster default"):
-            await move_tenant(settings, TENANT_A, "default", admin_url)
+            await move_tenant(settings, TENANT_A, "default", admin_url, offline=True)
         assert (await api.query("INSERT INTO events (event_type, data) VALUES ('after', '{}')")).status == 200
         with pytest.raises(LifecycleError, match="cannot reach"):
-            await move_tenant(settings, TENANT_A, "eu", "http://127.0.0.1:1")
+            await move_tenant(settings, TENANT_A, "eu", "http://127.0.0.1:1", offline=True)

@@ -7,11 +7,9 @@ import asyncio
 import contextlib
 import io
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
-import pytest
 import yaml
 
 from proxy.__main__ import main
@@ -20,14 +18,9 @@ from proxy.devstack import APP_PASSWORD, APP_USER, DATABASE, LocalStack
 from proxy.tools import preflight
 
 from ..fix_gateway import base_config, merge
-from ..fix_stack import stack_of, temporary_stack
+from ..fix_stack import stack_of
 
 TENANCY = TenancyConfig()
-
-
-@pytest.fixture(scope="module")
-def logical() -> Iterator[LocalStack]:
-    yield from temporary_stack("tenant-proxy-logical-", pool_size=2, logical=True)
 
 
 async def _check(source: LocalStack, target_dsn: str, tenant: str) -> list[str]:

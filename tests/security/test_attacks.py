@@ -55,7 +55,9 @@ SELECT current_setting('app.tenant_id') AS tenant,
        (SELECT coalesce(array_agg(DISTINCT tenant_id::text), '{}') FROM events) AS tenants,
        (SELECT coalesce(array_agg(event_type::text ORDER BY event_type), '{}') FROM events
          WHERE event_type ~ '^[ab]-[0-9]$') AS seeded,
-       (SELECT count(*) FROM pg_class WHERE relpersistence = 't') AS temp_relations,
+       (SELECT count(*) FROM information_schema.tables WHERE table_type = 'LOCAL TEMPORARY')
+         + (SELECT count(*) FROM information_schema.sequences WHERE sequence_schema LIKE 'pg\\_temp%')
+         AS temp_relations,
        (SELECT count(*) FROM pg_listening_channels()) AS listening_channels,
        (SELECT count(*) FROM pg_prepared_statements) AS prepared_statements,
        (SELECT count(*) FROM pg_cursors WHERE name <> '') AS cursors,
@@ -490,10 +492,10 @@ FOREIGN_WRITES = [
         # every unique key of events starts with tenant_id: there is none to aim at B's row
         frozenset({(400, "sql_error")})),
     atk("merge-move-own-row-to-b", "MERGE INTO events e USING (SELECT 'a-1' AS t) s ON e.event_type = s.t "
-                                   f"WHEN MATCHED THEN UPDATE SET tenant_id = '{B}'", RLS),
+                                   f"WHEN MATCHED THEN UPDATE SET tenant_id = '{B}'", GUARD),
     atk("merge-insert-b", "MERGE INTO events e USING (SELECT 'nope' AS t) s ON e.event_type = s.t "
                           "WHEN NOT MATCHED THEN INSERT (tenant_id, event_type, data) "
-                          f"VALUES ('{B}', 'forged-7', '{{}}')", RLS),
+                          f"VALUES ('{B}', 'forged-7', '{{}}')", GUARD),  # MERGE is refused
     atk("insert-a-from-b", f"INSERT INTO events (tenant_id, event_type, data) VALUES ('{A}', 'forged-8', '{{}}')",
         RLS, attacker=B),
     atk("update-b-row-to-a", f"UPDATE events SET tenant_id = '{A}' WHERE event_type = 'b-1'", RLS, attacker=B),

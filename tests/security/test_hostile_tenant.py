@@ -303,12 +303,12 @@ async def test_every_response_is_capped_and_the_role_has_limits(gateway_with: An
     before = await b_rows(admin_db)
     cap = 1024 * 1024
     async with gateway_with(tenants={TENANT_A: {"max_response_bytes": cap}}) as api:
-        big = {"sql": "SELECT g, repeat('x', 200000) AS pad FROM generate_series(1, 30) g"}
+        big = {"sql": "SELECT g, repeat('x', 200000) AS pad FROM generate_series(1, 6) g"}
         r = await api.transaction([big, big])
         assert r.status == 200
         results = r.body["results"]
         assert results[0]["truncated"] and results[1]["truncated"] and results[1]["rows"] == []
-        assert 0 < len(results[0]["rows"]) < 30
+        assert 0 < len(results[0]["rows"]) < 6
         neon = await api.request("POST", "/sql", json={"query": big["sql"]},
                                  headers={"Neon-Connection-String": "postgresql://x@y/z"})
         assert neon.status < 500 and len(str(neon.body)) < 2 * cap
@@ -367,6 +367,97 @@ async def test_large_bit_strings_geometry_and_numerics_neither_freeze_nor_pass_t
             assert worst < 1.0, f"B waited {worst:.2f} s behind {sql}"
             if reply.status == 200 and reply.body["rows"]:
                 assert len(str(reply.body)) < 3 * cap or reply.body["truncated"] is True, sql
-        r = await api.query("SELECT repeat('9', 131000)::numeric AS n FROM generate_series(1, 200)", read_only=True)
-        assert r.status == 200 and r.body["truncated"] is True and len(r.body["rows"]) < 20
+        r = await api.query("SELECT repeat('9', 131000)::numeric AS n FROM generate_series(1, 20)", read_only=True)
+        assert r.status == 200 and r.body["truncated"] is True and len(r.body["rows"]) < 10
         await assert_b_unharmed(api, admin_db, before)
+
+
+# ---------------------------------------------------------------- round three: rows read before the cap
+
+def _peak_rss_reset() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak resident set size
+        f.write("5")
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+async def test_rows_far_past_the_cap_are_refused_before_they_are_read(
+        gateway_with: Any, admin_db: asyncpg.Connection) -> None:
+    """300 rows of 10 MB (3 GB) were all decoded before the 1 MB cap cut them: the gateway
+    grew by 1.6 GB.  The connection's reads are metered: past twice the cap and a MiB, the
+    result is refused (422, 54000) and the connection dropped; nothing A wrote is kept."""
+    before = await b_rows(admin_db)
+    cap = 1_000_000
+    async with gateway_with(tenants={TENANT_A: {"max_response_bytes": cap, "max_rows": 100_000}}) as api:
+        _peak_rss_reset()
+        base = _peak_rss()
+        attacks = [
+            ("SELECT repeat('x', 10000000) AS pad FROM generate_series(1, 300)", True),
+            ("SELECT repeat('x', 200000000) AS pad", True),
+            ("INSERT INTO events (event_type, data) SELECT 'fat', jsonb_build_object('p', repeat('x', 4000000)) "
+             "FROM generate_series(1, 50) RETURNING data", False),
+        ]
+        for sql, read_only in attacks:
+            r = await api.query(sql, read_only=read_only)
+            assert (r.status, r.code) == (422, "sql_error"), (sql, r.status, str(r.body)[:300])
+            assert r.body["error"]["sqlstate"] == "54000" and "max_response_bytes" in r.body["error"]["message"]
+            r = await api.query("SELECT 1 AS one", key=KEY_B)
+            assert r.status == 200
+        grown = _peak_rss() - base
+        assert grown < 150 * 1024 * 1024, f"the gateway grew by {grown / 2**20:.0f} MiB"
+        assert await admin_db.fetchval("SELECT count(*) FROM events WHERE event_type = 'fat'") == 0
+        # A stream of many moderate rows is read batch by batch, each batch within the
+        # meter: cut at the cap, not refused.
+        r = await api.query("SELECT g, repeat('x', 500) AS pad FROM generate_series(1, 40000) g", read_only=True)
+        assert r.status == 200 and r.body["truncated"] is True
+        assert 1000 < len(r.body["rows"]) < 2001
+        await assert_b_unharmed(api, admin_db, before)
+
+
+# ---------------------------------------------------------------- round three: counters, statistics, MERGE
+
+async def test_merge_cannot_tell_whether_another_tenants_row_matches(
+        api: Api, admin_db: asyncpg.Connection, as_app: asyncpg.Connection) -> None:
+    """PostgreSQL 15 raises an RLS error for ``MERGE ... ON true WHEN MATCHED`` when another
+    tenant has rows in the table (403 if it has, 200 if not).  The guard refuses MERGE."""
+    before = await b_rows(admin_db)
+    b_id = before[0][0]
+    probes = [f"MERGE INTO events t USING (SELECT 1) s ON t.id = '{b_id}' WHEN MATCHED THEN DELETE",
+              "MERGE INTO events t USING (SELECT 1) s ON true WHEN MATCHED THEN DELETE",
+              "MERGE INTO events t USING (SELECT 1) s ON true WHEN MATCHED THEN UPDATE SET data = '{}'"]
+    for sql in probes:
+        r = await api.query(sql)
+        assert (r.status, r.code) == (400, "statement_rejected"), (sql, r.body)
+        assert "MERGE is not allowed" in r.body["error"]["message"]
+        shows_nothing_of_b(r.body, before)
+    # What the guard stands in front of: the database alone answers the probe with an error.
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await in_tenant(as_app, probes[1])
+    await assert_b_unharmed(api, admin_db, before)
+
+
+async def test_counters_and_row_statistics_are_not_shown(
+        api: Api, admin_db: asyncpg.Connection, as_app: asyncpg.Connection) -> None:
+    """age(xid), mxid_age and pg_control_* showed the cluster's transaction counter;
+    pg_class.reltuples/relpages every tenant's rows per table and partition."""
+    before = await b_rows(admin_db)
+    for sql in ("SELECT mxid_age('1'::xid) AS a", "SELECT * FROM pg_control_checkpoint()",
+                "SELECT * FROM pg_control_system()", "SELECT pg_xact_commit_timestamp('3'::xid) AS t",
+                "SELECT sum(reltuples) AS n FROM pg_class WHERE relname LIKE 'events%'",
+                "SELECT c.relpages FROM pg_catalog.pg_class c"):
+        r = await api.query(sql)
+        assert (r.status, r.code) == (400, "statement_rejected"), (sql, r.body)
+    # age(xid) shares its name with age(timestamp): the database refuses the one overload.
+    r = await api.query("SELECT age('3'::xid) AS a")
+    assert r.status == 403 and "permission denied" in r.body["error"]["message"], r.body
+    r = await api.query("SELECT age(timestamp '2000-01-01', timestamp '1999-01-01')::text AS a")
+    assert r.status == 200 and r.body["rows"] == [{"a": "1 year"}]
+    for sql in ("SELECT age('3'::xid)", "SELECT mxid_age('1'::xid)", "SELECT (pg_control_checkpoint()).next_xid"):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await in_tenant(as_app, sql)
+    r = await api.query("SELECT count(*) AS n FROM information_schema.tables WHERE table_name = 'events'")
+    assert r.status == 200 and r.body["rows"] == [{"n": 1}]
+    await assert_b_unharmed(api, admin_db, before)

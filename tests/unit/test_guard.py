@@ -19,7 +19,6 @@ ALLOWED = {
     "UPDATE events SET data = '{}' WHERE id = $1": "UPDATE",
     "DELETE FROM events WHERE id = $1 RETURNING *": "DELETE",
     "WITH d AS (DELETE FROM events RETURNING id) SELECT count(*) FROM d": "SELECT",
-    "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN UPDATE SET a = s.a": "MERGE",
     "INSERT INTO t (a) VALUES (1) ON CONFLICT (a) DO UPDATE SET a = CASE WHEN t.a > 0 THEN 1 ELSE t.a END":
         "INSERT",
     "INSERT INTO t (a) VALUES (1) ON CONFLICT (a) DO NOTHING": "INSERT",
@@ -78,7 +77,15 @@ REJECTED = {
     "SELECT txid_current()": "function txid_current",
     "SELECT pg_current_wal_lsn()": "function pg_current_wal_lsn",
     "SELECT pg_current_xact_id()": "function pg_current_xact_id",
-    "SELECT pg_relation_size(oid) FROM pg_class": "function pg_relation_size",
+    "SELECT pg_relation_size('events')": "function pg_relation_size",
+    "SELECT reltuples FROM pg_class": "pg_class is not allowed",
+    "SELECT c.relpages FROM pg_catalog.pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace":
+        "pg_class is not allowed",
+    "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN UPDATE SET a = s.a": "MERGE is not allowed",
+    "MERGE INTO events t USING (SELECT 1) s ON true WHEN MATCHED THEN DELETE": "MERGE is not allowed",
+    "SELECT mxid_age('1'::xid)": "function mxid_age",
+    "SELECT * FROM pg_control_checkpoint()": "function pg_control_checkpoint",
+    "SELECT pg_xact_commit_timestamp('3'::xid)": "function pg_xact_commit_timestamp",
     # called as a field, the denied prefixes hold too (dblink_*, pg_stat_get_*, pg_advisory*)
     "SELECT ('x'::text).dblink_exec": "function dblink_exec is not allowed (called as a field)",
     "SELECT (NULL::int).pg_stat_get_activity": "function pg_stat_get_activity is not allowed (called as a field)",
