@@ -9,6 +9,9 @@ Not part of `make bench`.  Two ways:
     python -m benchmarks.ab_gateway --catalog
         B with a control catalog (control.dsn on the stack's database, every tenant of the
         mix registered), to show that the request path does not pay for it;
+    python -m benchmarks.ab_gateway --redis [defaults.rate_per_s=100 defaults.burst=100]
+        B with the fleet's rate limits in a Redis of its own (limits.redis_url); `defaults.*`
+        overrides go to both gateways (a lower rate means smaller leases: more round trips);
         two gateways on the same stack, the second with those config overrides or that
         checkout's code (`git worktree add /tmp/before HEAD~1`), taking turns for six 8 s
         rounds each: the median of each, and B / A.  Turns cancel most of the drift a
@@ -30,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from proxy.devstack import RedisServer
 
 from .harness import gateway_process, local_stack
 from .loadtools import cpu_seconds_of, pid_of, write_requests, wrk
@@ -76,11 +81,20 @@ def main() -> None:
     catalog = args[:1] == ["--catalog"]
     if catalog:
         args = args[1:]
+    use_redis = args[:1] == ["--redis"]
+    if use_redis:
+        args = args[1:]
     if args[:1] == ["--b-tree"] and len(args) > 1:
         b_tree, args = Path(args[1]).resolve(), args[2:]
     b_overrides = _overrides(args)
+    limits = {**LIMITS, **b_overrides.pop("defaults", {})}
     with local_stack(pool_size=20) as stack, tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as servers:
         work = Path(tmp)
+        if use_redis:
+            redis = RedisServer(Path(tempfile.mkdtemp(prefix="tenant-proxy-bench-redis-")))
+            redis.start()
+            servers.callback(redis.stop)
+            b_overrides["limits"] = {"redis_url": redis.url}
         stack.psql("INSERT INTO events (tenant_id, event_type, data, created_at) "
                    "SELECT ('00000000-0000-4000-8000-' || lpad((100000000000 + g % 100 + 1)::text, 12, '0'))::uuid, "
                    "'type-' || (g % 10), jsonb_build_object('n', g), now() - (g || ' seconds')::interval "
@@ -88,7 +102,7 @@ def main() -> None:
         stack.psql("ANALYZE events")
         requests = write_requests(work / "requests.txt", [(gateway_body(e), api_key_headers(t))
                                                            for t, e in mix(300, 1)])
-        a_port, _ = servers.enter_context(gateway_process(stack, work, defaults=LIMITS))
+        a_port, _ = servers.enter_context(gateway_process(stack, work, defaults=limits))
         a_url = f"http://127.0.0.1:{a_port}/v1/query"
         prepare = None
         if catalog:
@@ -100,7 +114,7 @@ def main() -> None:
             print(f"gateway: {max(r for r, _ in rounds):.0f} req/s (best of 3 x {ROUND_S} s), "
                   f"{statistics.median(c for _, c in rounds):.3f} ms CPU per request (median)")
             return
-        b_port, _ = servers.enter_context(gateway_process(stack, work, source=b_tree, defaults=LIMITS,
+        b_port, _ = servers.enter_context(gateway_process(stack, work, source=b_tree, defaults=limits,
                                                           prepare=prepare, **b_overrides))
         b_url = f"http://127.0.0.1:{b_port}/v1/query"
         for url in (a_url, b_url):

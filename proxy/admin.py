@@ -230,7 +230,7 @@ async def pool(request: web.Request) -> web.Response:
     window = float(gw.runtime.settings.metrics.hotspot_window_s)
     now = time.monotonic()
     reports = [pool_report(db.stats(), db.recent, now, window) for db in gw.router.databases()]
-    return web.json_response({"pools": reports, "slots": gw.scheduler.slots, "slots_waiting": gw.scheduler.waiting()})
+    return web.json_response({"pools": reports, "slots": gw.admission.slots, "slots_waiting": gw.admission.waiting()})
 
 
 def add_health_routes(app: web.Application) -> None:

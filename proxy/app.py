@@ -32,9 +32,10 @@ from .guard_pool import ParseWorkers
 from .head_deadline import GatewayRunner
 from .jwks import JwksRefresher
 from .keys import GATEWAY, REQUEST_ID, TRACE
-from .limits import Scheduler
 from .metrics import Metrics
 from .pgconn import RoleCanBypassRls
+from .policy.admission import Admission
+from .policy.rates import RedisUnavailable, open_limiter
 from .routing import Router
 from .statement import Statement
 from .trace import RequestTrace
@@ -42,7 +43,7 @@ from .trace import RequestTrace
 log = logging.getLogger("tenant_proxy")
 access_logger = logging.getLogger("tenant_proxy.access")
 
-_START_ERRORS: tuple[type[Exception], ...] = (RoleCanBypassRls, *DATABASE_ERRORS)
+_START_ERRORS: tuple[type[Exception], ...] = (RoleCanBypassRls, RedisUnavailable, *DATABASE_ERRORS)
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Request ids the gateway makes: 32 hex digits, a random half per process and a counter,
 # unique without a random draw (a system call) per request.  They name a request in
@@ -78,7 +79,7 @@ class Gateway:
 
     runtime: Runtime
     router: Router
-    scheduler: Scheduler
+    admission: Admission
     config_path: Path | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     metrics: Metrics = field(init=False)
@@ -104,7 +105,13 @@ class Gateway:
 
     def __post_init__(self) -> None:
         s = self.runtime.settings
-        self.metrics = Metrics(s.metrics, __version__, s.pinned_tenants, self.pool_stats, self.scheduler.inflight)
+        self.metrics = Metrics(s.metrics, __version__, s.pinned_tenants, self.pool_stats, self.admission.inflight)
+        self.admission.fleet_size = self.admission.rates.fleet_size = self.fleet_size
+        self.admission.rates.on_redis = self.metrics.redis_up.set
+
+    def fleet_size(self) -> int:
+        """Live instances of the fleet (the control catalog's heartbeats), 1 without one."""
+        return self.control.fleet_size if self.control is not None else 1
 
     def pool_stats(self) -> list[PoolStats]:
         return self.router.stats()
@@ -129,6 +136,8 @@ class Gateway:
                 try:
                     await self.apply(settings)
                     problems = []
+                except RedisUnavailable as exc:
+                    problems = [str(exc)]
                 except _START_ERRORS as exc:
                     problems = [f"database: the new pools could not start ({type(exc).__name__})"]
         self.metrics.reloads.labels("error" if problems else "ok").inc()
@@ -139,6 +148,11 @@ class Gateway:
     async def apply(self, settings: Settings) -> None:
         """Swap in new settings.  In-flight requests keep the limits (and pool) they started with."""
         old = self.runtime.settings
+        if settings.fleet_limits != old.fleet_limits:
+            limiter = await open_limiter(settings.fleet_limits.redis_url, settings.fleet_limits.redis_timeout_ms)
+            retired_limiter, self.admission.rates = self.admission.rates, limiter
+            limiter.fleet_size, limiter.on_redis = self.fleet_size, self.metrics.redis_up.set
+            await retired_limiter.close()
         self.file_settings = settings
         if self.control is not None and self.control.view is not None:
             settings = self._overlay(settings, self.control.view)
@@ -153,7 +167,7 @@ class Gateway:
         self.overrides.clear()
         self.jwks = await jwks.restart(self.jwks, settings.auth.jwt)
         self.runtime = Runtime.build(settings, self.jwks, self.runtime if self.jwks is None else None)
-        self.scheduler.resize(self.router.slots, settings.database.acquire_timeout_ms / 1000)
+        self.admission.resize(self.router.pool_sizes(), settings.database.acquire_timeout_ms / 1000)
         self.metrics.configure(settings.metrics, settings.pinned_tenants)
 
     def apply_view(self, view: View) -> None:
@@ -231,6 +245,7 @@ class Gateway:
             await self.jwks.close()
         await self.router.close()
         await self.parser.close()
+        await self.admission.rates.close()
         if self._closing:
             await asyncio.gather(*self._closing)
 
@@ -371,13 +386,14 @@ async def start_gateway(settings: Settings, config_path: Path | None = None,
 
     ``config_path`` (and the ``env`` its ``${VARS}`` come from) enable reloads."""
     _quiet_cancelled_resets(asyncio.get_running_loop())
+    limiter = await open_limiter(settings.fleet_limits.redis_url, settings.fleet_limits.redis_timeout_ms)
     router = Router(settings)
     await router.start()
     refresher = await jwks.start(settings.auth.jwt)
-    gateway = Gateway(runtime=Runtime.build(settings, refresher), router=router,
-                      scheduler=Scheduler(router.slots, settings.database.acquire_timeout_ms / 1000),
-                      config_path=config_path,
-                      env=env or {}, jwks=refresher)
+    admission = Admission(limiter, settings.database.acquire_timeout_ms / 1000)
+    admission.resize(router.pool_sizes(), settings.database.acquire_timeout_ms / 1000)
+    gateway = Gateway(runtime=Runtime.build(settings, refresher), router=router, admission=admission,
+                      config_path=config_path, env=env or {}, jwks=refresher)
     try:
         await gateway.start_control()
     except BaseException:

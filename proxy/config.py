@@ -204,6 +204,14 @@ class IdempotencyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FleetLimitsConfig:
+    """The ``limits`` section: where the fleet keeps its shared rate limits."""
+
+    redis_url: str | None = None   # redis:// or rediss:// (or unix://); None: each instance its share
+    redis_timeout_ms: int = 100    # a slower answer counts as Redis being down (the local share applies)
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsConfig:
     tenant_label_limit: int = 50
     hotspot_window_s: int = 60
@@ -251,6 +259,7 @@ class Settings:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    fleet_limits: FleetLimitsConfig = field(default_factory=FleetLimitsConfig)
     # Every cluster, the `database` section's own as "default".
     clusters: Mapping[str, ClusterConfig] = field(default_factory=dict)
     control: ControlConfig = field(default_factory=ControlConfig)
@@ -291,6 +300,8 @@ class Settings:
             "metrics": _asdict(self.metrics),
             "idempotency": _asdict(self.idempotency),
             "logging": _asdict(self.logging),
+            "limits": {**_asdict(self.fleet_limits),
+                       "redis_url": redact_dsn(self.fleet_limits.redis_url or "") or None},
             "control": {**_asdict(self.control), "dsn": redact_dsn(self.control.dsn or "") or None},
             "admin": {"tokens": [{"name": t.name, "sha256": "<redacted>"} for t in self.admin.tokens]},
         }

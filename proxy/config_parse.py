@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import urllib.parse
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from pathlib import Path
@@ -25,6 +26,7 @@ from .config import (
     ConfigError,
     ControlConfig,
     DatabaseConfig,
+    FleetLimitsConfig,
     GuardConfig,
     IdempotencyConfig,
     Limits,
@@ -34,6 +36,7 @@ from .config import (
     Settings,
     TenancyConfig,
     canonical_tenant_id,
+    redact_dsn,
 )
 from .config_auth import admin_tokens, api_keys, jwt_config
 
@@ -210,7 +213,7 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
     if not isinstance(raw, dict):
         raise ConfigError(["(top level): must be a mapping"])
     r.unknown(raw, {"server", "database", "clusters", "tenancy", "defaults", "tenants", "auth", "guard", "metrics",
-                    "idempotency", "logging", "control", "admin"}, "")
+                    "idempotency", "logging", "control", "admin", "limits"}, "")
 
     s = r.section(raw, "server", {"host", "port", "admin_host", "admin_port", "max_request_bytes",
                                   "shutdown_timeout_s", "body_timeout_s", "header_timeout_s", "keepalive_timeout_s",
@@ -343,11 +346,24 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
     logging = LoggingConfig(level=level, access_log=r.bool_(lg, "access_log", "logging", True),
                             access_sample=r.fraction(lg, "access_sample", "logging", 1.0))
 
+    fleet_limits = _fleet_limits(r, raw)
     if r.problems:
         raise ConfigError(r.problems)
     return Settings(database=database, server=server, tenancy=tenancy, defaults=defaults, tenants=tenants,
                     auth=auth, guard=guard, metrics=metrics, idempotency=idem, logging=logging, clusters=clusters,
-                    control=control, admin=admin)
+                    control=control, admin=admin, fleet_limits=fleet_limits)
+
+
+def _fleet_limits(r: _Reader, raw: Mapping[str, Any]) -> FleetLimitsConfig:
+    section = r.section(raw, "limits", {"redis_url", "redis_timeout_ms"})
+    url = r.str_(section, "redis_url", "limits", default=None)
+    if url is not None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("redis", "rediss", "unix") or (parts.scheme != "unix" and not parts.hostname):
+            r.fail("limits.redis_url", "must be redis://host[:port][/db], rediss://... or unix:///path "
+                   f"(got {redact_dsn(url)!r})")
+    return FleetLimitsConfig(redis_url=url,
+                             redis_timeout_ms=r.int_(section, "redis_timeout_ms", "limits", 100, lo=1, hi=10000))
 
 
 def _loopback(host: str) -> bool:

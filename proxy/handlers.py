@@ -22,7 +22,7 @@ from aiohttp import web
 
 from . import idempotency, jwks
 from .config import Limits
-from .db import ISOLATION_LEVELS, Outcome, TxRequest
+from .db import ISOLATION_LEVELS, Database, Outcome, TxRequest
 from .encode import check_nesting, dumps
 from .errors import (
     CLIENT_CLOSED,
@@ -261,13 +261,42 @@ async def execute(request: web.Request,
     plan = plan_for(request, body, tenant.limits)
     # Admission first: the guard's parse costs CPU, so a tenant's rate and concurrency
     # bound its parses too (a long text is parsed off the event loop, guard_pool.py).
-    slot_wait = await gw.scheduler.admit(tenant.id, tenant.limits)
+    # The rate is the tenant's; the slot is one of the pool the request will use.
+    admission = gw.admission
+    if admission.rates.remote:
+        await admission.rates.take(tenant.id, tenant.limits)
+    else:
+        admission.rates.check(tenant.id, tenant.limits)
+    opts = plan.options
+    slot = _Slot(gw.router.choose(tenant.limits.cluster, opts.read_only, opts.consistency))
+    slot_wait = await admission.admit(slot.db.name, tenant.id, tenant.limits)
     try:
-        response = await _admitted(request, gw, tenant, plan, raw, trace)
+        response = await _admitted(request, gw, tenant, plan, raw, trace, slot)
     finally:
-        gw.scheduler.release(tenant.id)
+        if slot.held:
+            admission.release(slot.db.name, tenant.id)
         trace.wait_s = slot_wait + (trace.wait_s or 0.0)
     return response
+
+
+@dataclass(slots=True)
+class _Slot:
+    """The pool a request was admitted to (it may change once: a paused read goes to the
+    primary, a write held through a move to the tenant's new cluster)."""
+
+    db: Database
+    held: bool = True
+
+
+async def _repin(gw: Gateway, slot: _Slot, tenant: Tenant, opts: Options) -> None:
+    """Move the request's slot to the pool it must use now, if that is another one."""
+    if gw.router.suits(slot.db, tenant.limits.cluster, opts.read_only, opts.consistency):
+        return
+    gw.admission.release(slot.db.name, tenant.id)
+    slot.held = False
+    slot.db = gw.router.choose(tenant.limits.cluster, opts.read_only, opts.consistency)
+    await gw.admission.admit(slot.db.name, tenant.id, tenant.limits)
+    slot.held = True
 
 
 async def _guarded(gw: Gateway, tenant: Tenant, plan: Plan, trace: RequestTrace) -> list[Statement]:
@@ -289,13 +318,13 @@ async def _guarded(gw: Gateway, tenant: Tenant, plan: Plan, trace: RequestTrace)
 
 
 async def _admitted(request: web.Request, gw: Gateway, tenant: Tenant, plan: Plan, raw: bytes,
-                    trace: RequestTrace) -> web.StreamResponse:
+                    trace: RequestTrace, slot: _Slot) -> web.StreamResponse:
     """Guard, then run the plan in the tenant's transaction and answer."""
     statements = await _guarded(gw, tenant, plan, trace)
     held_until = None
     while True:
         try:
-            return await _placed(request, gw, tenant.id, plan, statements, raw, trace)
+            return await _placed(request, gw, tenant.id, plan, statements, raw, trace, slot)
         except _Paused as paused:
             # A move's cut-over is short: the write waits for it, then runs where the tenant is now.
             hold = gw.runtime.settings.server.write_hold_s
@@ -318,7 +347,7 @@ async def _pause_ends(gw: Gateway, tenant_id: str, until: float) -> bool:
 
 
 async def _placed(request: web.Request, gw: Gateway, tenant_id: str, plan: Plan, statements: list[Statement],
-                  raw: bytes, trace: RequestTrace) -> web.StreamResponse:
+                  raw: bytes, trace: RequestTrace, slot: _Slot) -> web.StreamResponse:
     """Run the plan where the tenant is placed now; a write refused by a pause raises ``_Paused``."""
     opts = plan.options
     # From here to the transaction's end nothing awaits before the write count is taken:
@@ -330,13 +359,14 @@ async def _placed(request: web.Request, gw: Gateway, tenant_id: str, plan: Plan,
         # Reads go on: the request runs READ ONLY, so PostgreSQL itself refuses any write
         # (through functions too), and that refusal becomes the pause's 503.
         opts = dataclasses.replace(opts, read_only=True, consistency="primary")
+    await _repin(gw, slot, tenant, opts)
     # Reads are idempotent already, and a READ ONLY transaction could not store the key.
     claim = None if opts.read_only else idempotency.claim_for(
         request.headers.get(idempotency.HEADER), trace.endpoint, raw, rt.settings.idempotency.retention_s)
     if not opts.read_only:
         gw.writing[tenant.id] = gw.writing.get(tenant.id, 0) + 1
     try:
-        return await _answer(request, gw, tenant, plan, opts, statements, claim, trace)
+        return await _answer(request, gw, tenant, plan, opts, statements, claim, trace, slot.db)
     except ApiError as err:
         if paused is not None and err.sqlstate == READ_ONLY_SQL_TRANSACTION:
             raise _Paused(paused) from None
@@ -362,7 +392,7 @@ def _write_pause(gw: Gateway, limits: Limits) -> ApiError | None:
 
 async def _answer(request: web.Request, gw: Gateway, tenant: Tenant, plan: Plan, opts: Options,
                   statements: list[Statement], claim: idempotency.Claim | None,
-                  trace: RequestTrace) -> web.StreamResponse:
+                  trace: RequestTrace, db: Database) -> web.StreamResponse:
     """Run the plan in the tenant's transaction and answer."""
     rt = gw.runtime
 
@@ -386,7 +416,7 @@ async def _answer(request: web.Request, gw: Gateway, tenant: Tenant, plan: Plan,
                    deferrable=opts.deferrable, strict_rows=plan.strict_rows,
                    deadline_s=tenant.limits.transaction_timeout_s, max_bytes=tenant.limits.max_response_bytes)
     try:
-        outcome = await _run(gw.router, tenant, opts, tx, trace)
+        outcome = await _run(gw.router, db, tenant, tx, trace)
         if stream is not None and outcome.results and outcome.results[0].streamed:
             trace.rows = outcome.results[0].row_count
             return await stream.finish(outcome.results[0])
@@ -417,20 +447,16 @@ def _cut_stream(stream: JsonRowStream, request: web.Request, trace: RequestTrace
     return stream.abort()
 
 
-async def _run(router: Router, tenant: Tenant, opts: Options, tx: TxRequest, trace: RequestTrace) -> Outcome:
-    """Reads go to a replica of the tenant's cluster unless they ask for the primary; a
-    replica that fails is taken out and the read goes to the primary instead."""
-    cluster = tenant.limits.cluster
-    if not opts.read_only or opts.consistency == "primary":
-        return await router.primary(cluster).run_in_tenant_tx(tx, trace)
-    db = router.for_read(cluster)
+async def _run(router: Router, db: Database, tenant: Tenant, tx: TxRequest, trace: RequestTrace) -> Outcome:
+    """On the pool admitted to; a replica that fails is taken out and the read goes to the
+    primary instead (outside the primary's fair queue: rare, and short)."""
     try:
         return await db.run_in_tenant_tx(tx, trace)
     except ApiError as err:
         if err.kind is not DATABASE_UNAVAILABLE or not router.is_replica(db):
             raise
         router.mark_down(db)
-        return await router.primary(cluster).run_in_tenant_tx(tx, trace)
+        return await router.primary(tenant.limits.cluster).run_in_tenant_tx(tx, trace)
 
 
 async def query(request: web.Request) -> web.StreamResponse:

@@ -1,24 +1,24 @@
-"""Per-tenant rates and concurrency, and fair access to the pool's transaction slots.
+"""Fair access to one pool's transaction slots (one ``Scheduler`` per pool: policy/admission.py).
 
-``Scheduler.admit(tenant, limits)`` is the door to the database path:
+``Scheduler.admit(tenant, limits)`` is the door to the pool (the request's rate was
+taken before, policy/rates.py):
 
-1. **Rate**: a token bucket per tenant (``rate_per_s`` tokens a second, up to
-   ``burst``).  Empty: 429 ``rate_limited`` with ``Retry-After`` (when a token will be
-   there).
-2. **Slot**: the gateway lends at most ``slots`` transactions at a time (the pool
-   size), and each tenant at most ``max_concurrency`` of them (by default half of them,
-   rounded up: a tenant alone can never take every slot).  A request that cannot
-   have one waits in its tenant's FIFO queue.  Freed slots go to the waiting tenants
-   in **weighted round-robin** (deficit round-robin, one transaction = one unit,
-   quantum = ``weight``), never first-come-first-served, so a tenant with 500 queued
-   requests delays a tenant with one queued request by about one transaction.
-3. A waiter queued behind its tenant's ``max_concurrency`` gets 503
+1. the pool lends at most ``slots`` transactions at a time (its size), and each tenant
+   at most ``max_concurrency`` of them (by default half of them, rounded up: a tenant
+   alone can never take every slot; an explicit cap is divided by the live instances
+   of the fleet, rounded up).  A request that cannot have one waits in its tenant's
+   FIFO queue.  Freed slots go to the waiting tenants in **weighted round-robin**
+   (deficit round-robin, one transaction = one unit, quantum = ``weight``), never
+   first-come-first-served, so a tenant with 500 queued requests delays a tenant with
+   one queued request by about one transaction.
+2. A waiter queued behind its tenant's ``max_concurrency`` gets 503
    ``concurrency_limited`` after ``queue_timeout_ms``; one queued because every slot was
    busy gets 503 ``pool_timeout`` after the pool's ``acquire_timeout_ms``; both carry
-   ``Retry-After``.
+   ``Retry-After``.  This is the request's only wait: the pool's connections are as
+   many as its slots.
 
-Memory: one small record per tenant that is active or whose bucket is refilling;
-idle records are dropped.  Single-threaded: runs on the event loop, no locks.
+Memory: one small record per tenant with transactions in flight or waiting; idle ones
+are dropped.  Single-threaded: runs on the event loop, no locks.
 """
 
 from __future__ import annotations
@@ -33,30 +33,28 @@ from typing import Any
 
 from .config import MAX_CONCURRENCY_AUTO, Limits
 from .db import PoolStats
-from .errors import CONCURRENCY_LIMITED, POOL_TIMEOUT, RATE_LIMITED, ApiError
+from .errors import CONCURRENCY_LIMITED, POOL_TIMEOUT, ApiError
 
 
 @dataclass(slots=True)
 class _Tenant:
-    tokens: float
-    stamp: float
     inflight: int = 0
     queue: deque[tuple[asyncio.Future[None], Limits]] = field(default_factory=deque)
     deficit: float = 0.0
-    full_after: float = 0.0  # seconds after `stamp` at which the bucket is full again
 
 
 class Scheduler:
-    """Admission for all tenants of one gateway; ``slots`` is the transaction budget."""
+    """Admission to one pool for all tenants; ``slots`` is its transaction budget."""
 
-    def __init__(self, slots: int, acquire_timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, slots: int, acquire_timeout_s: float, clock: Callable[[], float] = time.monotonic,
+                 fleet_size: Callable[[], int] = lambda: 1) -> None:
         self.slots = slots
         self.acquire_timeout_s = acquire_timeout_s
         self.busy = 0
         self.clock = clock
+        self.fleet_size = fleet_size
         self._tenants: dict[str, _Tenant] = {}
         self._ring: deque[str] = deque()  # tenants with waiters, in service order
-        self._next_prune = 0.0
 
     def resize(self, slots: int, acquire_timeout_s: float) -> None:
         """Change the transaction budget (config reload); waiters are served if it grew."""
@@ -71,45 +69,34 @@ class Scheduler:
     def waiting(self) -> int:
         return sum(len(t.queue) for t in self._tenants.values())
 
-    def _state(self, tenant: str, limits: Limits, now: float) -> _Tenant:
+    def _state(self, tenant: str) -> _Tenant:
         t = self._tenants.get(tenant)
         if t is None:
-            t = self._tenants[tenant] = _Tenant(tokens=float(limits.burst), stamp=now)
+            t = self._tenants[tenant] = _Tenant()
         return t
 
-    def _take_token(self, tenant: str, t: _Tenant, limits: Limits, now: float) -> None:
-        if limits.rate_per_s <= 0:
-            return
-        t.tokens = min(float(limits.burst), t.tokens + (now - t.stamp) * limits.rate_per_s)
-        t.stamp = now
-        if t.tokens < 1.0:
-            wait = (1.0 - t.tokens) / limits.rate_per_s
-            raise ApiError(RATE_LIMITED, f"over the tenant's rate limit of {limits.rate_per_s:g} requests/s",
-                           retry_after_s=max(1, math.ceil(wait)))
-        t.tokens -= 1.0
-        t.full_after = (limits.burst - t.tokens) / limits.rate_per_s
+    def _cap(self, limits: Limits) -> int:
+        """The tenant's share of this pool on this instance; 0: no cap."""
+        cap = limits.max_concurrency
+        if cap == MAX_CONCURRENCY_AUTO:
+            return max(1, (self.slots + 1) // 2)  # the other half stays free for everyone else
+        if cap > 0:
+            return max(1, math.ceil(cap / max(1, self.fleet_size())))
+        return 0
 
-    def _prune(self, now: float) -> None:
-        """Drop idle tenants whose bucket has refilled: they would start afresh anyway."""
-        self._next_prune = now + 1.0
-        for tenant, t in list(self._tenants.items()):
-            if t.inflight or t.queue:
-                continue
-            if t.stamp + t.full_after <= now:
-                del self._tenants[tenant]
+    def _at_cap(self, t: _Tenant, limits: Limits) -> bool:
+        cap = self._cap(limits)
+        return 0 < cap <= t.inflight
 
     async def admit(self, tenant: str, limits: Limits) -> float:
         """Wait for a slot; return the seconds spent waiting.  Pair with ``release``."""
-        now = self.clock()
-        if now >= self._next_prune:
-            self._prune(now)
-        t = self._state(tenant, limits, now)
-        self._take_token(tenant, t, limits, now)
+        t = self._state(tenant)
         if not t.queue and self._can_start(t, limits):
             self._start(t)
             return 0.0
+        now = self.clock()
         # Queued behind its own cap: the tenant's queue timeout.  Behind a full pool: the pool's.
-        capped = _at_cap(t, limits, self.slots)
+        capped = self._at_cap(t, limits)
         timeout_s = limits.queue_timeout_ms / 1000 if capped else self.acquire_timeout_s
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
@@ -123,7 +110,7 @@ class Scheduler:
             await future
         except TimeoutError:
             self._forget(tenant, t, future)
-            if capped or _at_cap(t, limits, self.slots):
+            if capped or self._at_cap(t, limits):
                 raise ApiError(CONCURRENCY_LIMITED, "too many requests in flight for this tenant",
                                retry_after_s=1) from None
             raise ApiError(POOL_TIMEOUT, "no database slot became free in time", retry_after_s=1) from None
@@ -142,11 +129,13 @@ class Scheduler:
         t = self._tenants.get(tenant)
         if t is not None:
             t.inflight -= 1
+            if not t.inflight and not t.queue:
+                del self._tenants[tenant]
         self.busy -= 1
         self._dispatch()
 
     def _can_start(self, t: _Tenant, limits: Limits) -> bool:
-        return self.busy < self.slots and not _at_cap(t, limits, self.slots)
+        return self.busy < self.slots and not self._at_cap(t, limits)
 
     def _start(self, t: _Tenant) -> None:
         t.inflight += 1
@@ -157,6 +146,8 @@ class Scheduler:
         if not t.queue and tenant in self._ring:
             self._ring.remove(tenant)
             t.deficit = 0.0
+        if not t.queue and not t.inflight:
+            self._tenants.pop(tenant, None)
 
     def _dispatch(self) -> None:
         """Hand free slots to waiting tenants, deficit round-robin by weight."""
@@ -169,9 +160,11 @@ class Scheduler:
             if not t.queue:
                 self._ring.popleft()
                 t.deficit = 0.0
+                if not t.inflight:
+                    del self._tenants[tenant]
                 continue
             future, limits = t.queue[0]
-            if _at_cap(t, limits, self.slots):
+            if self._at_cap(t, limits):
                 self._ring.rotate(-1)
                 blocked += 1
                 continue
@@ -195,13 +188,6 @@ class Scheduler:
 def _expire(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_exception(TimeoutError())
-
-
-def _at_cap(t: _Tenant, limits: Limits, slots: int) -> bool:
-    cap = limits.max_concurrency
-    if cap == MAX_CONCURRENCY_AUTO:
-        cap = max(1, (slots + 1) // 2)  # the other half stays free for everyone else
-    return 0 < cap <= t.inflight
 
 
 def pool_report(stats: PoolStats, recent: Iterable[tuple[float, float, float]], now: float, window_s: float,

@@ -171,6 +171,10 @@ class Metrics:
                              self.rows)
         self.folded = 0
         self.reloads = Counter("tenant_proxy_config_reloads", "Config reloads by result", ["result"], registry=r)
+        self.redis_up = Gauge("tenant_proxy_rate_limit_redis_up", "1 while the fleet's rate limits are kept in Redis "
+                              "(0: limits.redis_url set but not answering, each instance enforces its share)",
+                              registry=r)
+        self.redis_up.set(1)
         Gauge("tenant_proxy_build_info", "Gateway version", ["version"], registry=r).labels(version).set(1)
         self._label_limit = Gauge("tenant_proxy_tenant_label_limit", "Most tenants with their own label",
                                   registry=r)

@@ -62,10 +62,24 @@ class Router:
             yield c.primary
             yield from c.replicas
 
-    @property
-    def slots(self) -> int:
-        """Transactions all pools can run at once (the fair scheduler's budget)."""
-        return sum(db.cfg.pool_max_size for db in self.databases())
+    def pool_sizes(self) -> list[tuple[str, int]]:
+        """Each pool's name and size: the budget of its fair queue (policy/admission.py)."""
+        return [(db.name, db.cfg.pool_max_size) for db in self.databases()]
+
+    def suits(self, db: Database, cluster: str, read_only: bool, consistency: str | None) -> bool:
+        """Whether ``db`` may run such a request of a tenant on ``cluster``."""
+        c = self._clusters.get(cluster)
+        if c is None:
+            return False
+        if not read_only or consistency == "primary":
+            return db is c.primary
+        return db is c.primary or db in c.replicas
+
+    def choose(self, cluster: str, read_only: bool, consistency: str | None) -> Database:
+        """The pool a request goes to: a replica of its cluster for reads that allow one."""
+        if not read_only or consistency == "primary":
+            return self.primary(cluster)
+        return self.for_read(cluster)
 
     async def start(self) -> None:
         for c in self._clusters.values():

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages the dev/test stack needs when they are missing:
 # PostgreSQL 15 server binaries with pg_partman, PgBouncer, Prometheus (for the
-# metrics tests), openssl (a test certificate) and wrk (the benchmarks).  Uses apt when run as root; otherwise prints the command to run.
+# metrics tests), openssl (a test certificate), Redis (the fleet's rate limits) and wrk (the benchmarks).  Uses apt when run as root; otherwise prints the command to run.
 # Safe to run repeatedly: it does nothing when all is there.
 set -euo pipefail
 
@@ -26,6 +26,10 @@ fi
 # Tests scrape the gateway with a real Prometheus and check rules with promtool.
 if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
   missing+=(prometheus)
+fi
+# The fleet's shared rate limits (limits.redis_url): the tests start their own server.
+if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; then
+  missing+=(redis-server)
 fi
 # The load generator of the benchmarks (make bench, benchmarks/ab_gateway.py).
 if ! command -v wrk >/dev/null 2>&1; then

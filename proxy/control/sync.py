@@ -57,6 +57,9 @@ class ControlSync:
         self._drain = drain
         self.view: views.View | None = None
         self.confirmed_at = -1e9  # monotonic start of the last read that confirmed the version
+        # Live instances (a heartbeat within the lease), this one included, as of the last sync:
+        # each enforces its share of a tenant's concurrency cap (and of its rate without Redis).
+        self.fleet_size = 1
         self.connected = False
         self._conn: asyncpg.Connection | None = None
         self._wake = asyncio.Event()
@@ -189,3 +192,6 @@ class ControlSync:
                 f"INSERT INTO {SCHEMA}.instances (id, address, applied_version) VALUES ($1, $2, $3) "
                 "ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), applied_version = $3, address = $2",
                 self.id, self.address, new.version)
+            self.fleet_size = max(1, int(await conn.fetchval(
+                f"SELECT count(*) FROM {SCHEMA}.instances WHERE heartbeat_at > now() - make_interval(secs => $1)",
+                float(self.cfg.lease_s))))

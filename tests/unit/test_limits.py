@@ -10,6 +10,7 @@ from proxy.config import Limits
 from proxy.db import PoolStats
 from proxy.errors import ApiError
 from proxy.limits import Scheduler, pool_report
+from proxy.policy.rates import LocalBuckets, RateLimiter
 
 
 async def settle() -> None:
@@ -26,43 +27,65 @@ class Clock:
         return self.now
 
 
-async def test_token_bucket_and_retry_after() -> None:
+def test_token_bucket_and_retry_after() -> None:
     clock = Clock()
-    s = Scheduler(slots=10, acquire_timeout_s=1, clock=clock)
+    rates = RateLimiter(clock=clock)
     limits = Limits(rate_per_s=2, burst=2)
     for _ in range(2):
-        await s.admit("a", limits)
-        s.release("a")
+        rates.check("a", limits)
     with pytest.raises(ApiError) as info:
-        await s.admit("a", limits)
+        rates.check("a", limits)
     assert info.value.kind.code == "rate_limited" and info.value.kind.status == 429
     assert info.value.retry_after_s == 1
     slow = Limits(rate_per_s=0.1, burst=1)
-    await s.admit("b", slow)
-    s.release("b")
+    rates.check("b", slow)
     with pytest.raises(ApiError) as info:
-        await s.admit("b", slow)
+        rates.check("b", slow)
     assert info.value.retry_after_s == 10
     clock.now += 0.5  # one token back for "a"
-    await s.admit("a", limits)
-    s.release("a")
-    await s.admit("other", limits)  # buckets are per tenant
-    s.release("other")
+    rates.check("a", limits)
+    rates.check("other", limits)  # buckets are per tenant
 
 
-async def test_idle_buckets_are_dropped_only_once_full() -> None:
+def test_idle_buckets_are_dropped_only_once_full() -> None:
     clock = Clock()
-    s = Scheduler(slots=10, acquire_timeout_s=1, clock=clock)
-    limits = Limits(rate_per_s=1, burst=1)
-    await s.admit("a", limits)
-    s.release("a")
+    buckets = LocalBuckets(clock)
+    assert buckets.take("a", 1.0, 1.0) == 0.0
     clock.now += 1.1
-    await s.admit("x", Limits())  # triggers the sweep
-    s.release("x")
-    with pytest.raises(ApiError):  # "a" had refilled, was dropped, and starts with a full bucket of 1
+    assert buckets.take("x", 1.0, 1.0) == 0.0  # triggers the sweep
+    assert "a" not in buckets._buckets  # "a" had refilled: dropped, it starts afresh with a full bucket
+    assert buckets.take("a", 1.0, 1.0) == 0.0 and buckets.take("a", 1.0, 1.0) > 0
+
+
+def test_the_local_share_divides_the_limit_by_the_fleet() -> None:
+    """Without Redis, each of N live instances enforces rate/N (burst/N, at least 1)."""
+    clock = Clock()
+    rates = RateLimiter(clock=clock, fleet_size=lambda: 4)
+    limits = Limits(rate_per_s=20, burst=20)
+    served = 0
+    for _ in range(100):  # 5 s at 20/s offered to this one instance
+        for _ in range(20):
+            try:
+                rates.check("a", limits)
+                served += 1
+            except ApiError:
+                pass
+        clock.now += 0.25
+    assert 100 // 4 <= served <= (20 * 25 + 20) // 4 + 1
+
+
+async def test_a_fleet_cap_is_divided_by_the_live_instances() -> None:
+    fleet = [3]
+    s = Scheduler(slots=10, acquire_timeout_s=1, fleet_size=lambda: fleet[0])
+    limits = Limits(max_concurrency=6, queue_timeout_ms=20)
+    assert [await s.admit("a", limits) for _ in range(2)] == [0.0, 0.0]  # 6 / 3 instances
+    with pytest.raises(ApiError) as info:
         await s.admit("a", limits)
+    assert info.value.kind.code == "concurrency_limited"
+    fleet[0] = 2  # an instance left: the share is recomputed
+    await s.admit("a", limits)
+    with pytest.raises(ApiError):
         await s.admit("a", limits)
-    assert "a" in s._tenants
 
 
 async def test_concurrency_queue_then_timeout() -> None:
