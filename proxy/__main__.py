@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .access_log import LineBatchHandler
 from .auth import hash_key
 from .config import ConfigError, Settings, TenancyConfig, load_config
 
@@ -31,8 +32,9 @@ def _load(path: str) -> Settings:
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
     # The access log is one JSON object per line on stdout, for log shippers.
+    # Written in batches by proxy/access_log.py's thread, in whole lines.
     access = logging.getLogger("tenant_proxy.access")
-    handler = logging.StreamHandler(sys.stdout)
+    handler = LineBatchHandler(sys.stdout.buffer)
     handler.setFormatter(logging.Formatter("%(message)s"))
     access.addHandler(handler)
     access.propagate = False

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import datetime
 import itertools
 import logging
 import os
-import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -17,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from . import __version__, admin, handlers, idempotency, jwks, neon, openapi
+from .access_log import AccessLog
 from .auth import Authenticator, KeySource
-from .config import ConfigError, Limits, LoggingConfig, Settings, load_config
+from .config import ConfigError, Limits, Settings, load_config
 from .control.sync import ControlSync
 from .control.view import Overlay, View
 from .db import DATABASE_ERRORS, Database, PoolStats, TxRequest
@@ -40,7 +38,6 @@ from .statement import Statement
 from .trace import RequestTrace
 
 log = logging.getLogger("tenant_proxy")
-access_logger = logging.getLogger("tenant_proxy.access")
 
 _START_ERRORS: tuple[type[Exception], ...] = (RoleCanBypassRls, *DATABASE_ERRORS)
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -98,6 +95,8 @@ class Gateway:
     file_settings: Settings | None = None
     # Transactions in flight that may write, per tenant: what a pause waits for.
     writing: dict[str, int] = field(default_factory=dict)
+    # The access log's queue and writer thread (flushed by the stop).
+    access: AccessLog = field(default_factory=AccessLog)
     _overlay: Overlay = field(default_factory=Overlay)
     _closing: set[asyncio.Task[None]] = field(default_factory=set)
     _purger: asyncio.Task[None] | None = None
@@ -292,21 +291,9 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
             duration = time.perf_counter() - started
             gw = request.app[GATEWAY]
             gw.metrics.observe(trace, status, duration, rid)
-            access_log(gw.runtime.settings.logging, trace, status, duration, rid)
-
-
-def access_log(cfg: LoggingConfig, trace: RequestTrace, status: int, duration: float, request_id: str) -> None:
-    """One JSON line per request; never SQL text, parameters or credentials."""
-    if not cfg.access_log or (status < 400 and cfg.access_sample < 1.0 and random.random() >= cfg.access_sample):
-        return
-    access_logger.info(orjson.dumps({
-        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
-        "request_id": request_id, "caller": trace.caller, "tenant": trace.tenant, "endpoint": trace.endpoint,
-        "fingerprint": trace.fingerprint, "status": status, "error": trace.error_code, "rows": trace.rows,
-        "duration_ms": round(duration * 1000, 3),
-        "wait_ms": None if trace.wait_s is None else round(trace.wait_s * 1000, 3),
-        "db_ms": None if trace.db_s is None else round(trace.db_s * 1000, 3),
-    }).decode())
+            logging_cfg = gw.runtime.settings.logging
+            if logging_cfg.access_log:
+                gw.access.record(logging_cfg, trace, status, duration, rid)
 
 
 def _application(gateway: Gateway, client_max_size: int, middlewares: list[Any]) -> web.Application:
@@ -346,6 +333,7 @@ class RunningGateway:
             await runner.cleanup()
         gw.runners.clear()
         await gw.close()
+        await asyncio.get_running_loop().run_in_executor(None, gw.access.close)
 
 
 def _quiet_cancelled_resets(loop: asyncio.AbstractEventLoop) -> None:
