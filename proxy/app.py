@@ -36,6 +36,7 @@ from .pgconn import RoleCanBypassRls
 from .routing import Router
 from .statement import Statement
 from .trace import RequestTrace
+from .worker_peers import WorkerSlot, start_peer_site
 
 log = logging.getLogger("tenant_proxy")
 
@@ -97,6 +98,8 @@ class Gateway:
     writing: dict[str, int] = field(default_factory=dict)
     # The access log's queue and writer thread (flushed by the stop).
     access: AccessLog = field(default_factory=AccessLog)
+    # Which of `serve --workers N` this process is; None for a single process.
+    worker: WorkerSlot | None = None
     _overlay: Overlay = field(default_factory=Overlay)
     _closing: set[asyncio.Task[None]] = field(default_factory=set)
     _purger: asyncio.Task[None] | None = None
@@ -179,7 +182,8 @@ class Gateway:
             return
         self.file_settings = s
         address = s.control.address or f"{s.server.admin_host}:{s.server.admin_port}"
-        self.control = ControlSync(s.control, address, self.apply_view, self.drain_writes)
+        self.control = ControlSync(s.control, address, self.apply_view, self.drain_writes,
+                                   worker=None if self.worker is None else self.worker.index)
         await self.control.start()
         self.control.register_metrics(self.metrics.registry)
 
@@ -354,10 +358,11 @@ def _quiet_cancelled_resets(loop: asyncio.AbstractEventLoop) -> None:
 
 
 async def start_gateway(settings: Settings, config_path: Path | None = None,
-                        env: Mapping[str, str] | None = None) -> RunningGateway:
+                        env: Mapping[str, str] | None = None, worker: WorkerSlot | None = None) -> RunningGateway:
     """Open the pools and bind both ports (port 0 picks a free one).
 
-    ``config_path`` (and the ``env`` its ``${VARS}`` come from) enable reloads."""
+    ``config_path`` (and the ``env`` its ``${VARS}`` come from) enable reloads; ``worker``:
+    one of several processes sharing the ports (SO_REUSEPORT), with a peer socket."""
     _quiet_cancelled_resets(asyncio.get_running_loop())
     router = Router(settings)
     await router.start()
@@ -365,7 +370,7 @@ async def start_gateway(settings: Settings, config_path: Path | None = None,
     gateway = Gateway(runtime=Runtime.build(settings, refresher), router=router,
                       scheduler=Scheduler(router.slots, settings.database.acquire_timeout_ms / 1000),
                       config_path=config_path,
-                      env=env or {}, jwks=refresher)
+                      env=env or {}, jwks=refresher, worker=worker)
     try:
         await gateway.start_control()
     except BaseException:
@@ -383,8 +388,10 @@ async def start_gateway(settings: Settings, config_path: Path | None = None,
                                handler_cancellation=True, keepalive_timeout=settings.server.keepalive_timeout_s,
                                head_timeout=lambda: gateway.runtime.settings.server.header_timeout_s)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=worker is not None)
         await site.start()
         gateway.runners.append(runner)
         ports.append(runner.addresses[-1][1])
+    if worker is not None:
+        gateway.runners.append(await start_peer_site(gateway, worker))
     return RunningGateway(gateway=gateway, port=ports[0], admin_port=ports[1])
