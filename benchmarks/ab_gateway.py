@@ -47,7 +47,7 @@ def _gateway_pid(port: int) -> int:
     return pid_of("proxy", "serve", f"gateway-{port}.yaml")
 
 
-def _round(url: str, pid: int, requests: Path, round_s: float = ROUND_S) -> tuple[float, float]:
+def _round(url: str, pid: int, requests: Path, round_s: int = ROUND_S) -> tuple[float, float]:
     """One wrk round: (req/s, gateway CPU ms per request)."""
     before = cpu_seconds_of(pid)
     rate = wrk(url, requests, duration_s=round_s).ok_per_s
@@ -95,10 +95,10 @@ def main() -> None:
     b_tree = None
     catalog = _flag(args, "--catalog")
     access_log = _flag(args, "--access-log")
-    rounds, round_s = int(_option(args, "--rounds", ROUNDS)), _option(args, "--round-s", ROUND_S)
+    rounds, round_s = int(_option(args, "--rounds", ROUNDS)), int(_option(args, "--round-s", ROUND_S))
     if args[:1] == ["--b-tree"] and len(args) > 1:
         b_tree, args = Path(args[1]).resolve(), args[2:]
-    b_overrides = _overrides(args)
+    b_overrides: dict[str, Any] = _overrides(args)
     if access_log:
         b_overrides["logging"] = {"access_log": True, "level": "WARNING"}
     with local_stack(pool_size=20) as stack, tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as servers:
@@ -128,7 +128,7 @@ def main() -> None:
         _compare(a_port, b_port, requests, label, rounds, round_s, record_as="Access log cost" if access_log else None)
 
 
-def _compare(a_port: int, b_port: int, requests: Path, label: str, n: int, round_s: float,
+def _compare(a_port: int, b_port: int, requests: Path, label: str, n: int, round_s: int,
              record_as: str | None) -> None:
     """A and B take turns for ``n`` rounds; print (and with ``record_as``, record) the medians."""
     a_url, b_url = (f"http://127.0.0.1:{p}/v1/query" for p in (a_port, b_port))
