@@ -12,6 +12,9 @@ Not part of `make bench`.  Two ways:
     python -m benchmarks.ab_gateway --redis [defaults.rate_per_s=100 defaults.burst=100]
         B with the fleet's rate limits in a Redis of its own (limits.redis_url); `defaults.*`
         overrides go to both gateways (a lower rate means smaller leases: more round trips);
+    python -m benchmarks.ab_gateway --access-log [--rounds N] [--round-s S]
+        B with the shipped default access log on (one JSON line per request, stdout to a
+        file), A with it off: the log's cost, recorded as its own row in RESULTS.md;
         two gateways on the same stack, the second with those config overrides or that
         checkout's code (`git worktree add /tmp/before HEAD~1`), taking turns for six 8 s
         rounds each: the median of each, and B / A.  Turns cancel most of the drift a
@@ -36,11 +39,12 @@ import yaml
 
 from proxy.devstack import RedisServer
 
-from .harness import gateway_process, local_stack
+from .harness import gateway_process, local_stack, record
 from .loadtools import cpu_seconds_of, pid_of, write_requests, wrk
 from .throughput import LIMITS, api_key_headers, gateway_body, mix
 
 ROUND_S = 8
+ROUNDS = 6
 
 
 def _gateway_pid(port: int) -> int:
@@ -48,11 +52,11 @@ def _gateway_pid(port: int) -> int:
     return pid_of("proxy", "serve", f"gateway-{port}.yaml")
 
 
-def _round(url: str, pid: int, requests: Path) -> tuple[float, float]:
+def _round(url: str, pid: int, requests: Path, round_s: int = ROUND_S) -> tuple[float, float]:
     """One wrk round: (req/s, gateway CPU ms per request)."""
     before = cpu_seconds_of(pid)
-    rate = wrk(url, requests, duration_s=ROUND_S).ok_per_s
-    return rate, (cpu_seconds_of(pid) - before) * 1000 / max(rate * ROUND_S, 1)
+    rate = wrk(url, requests, duration_s=round_s).ok_per_s
+    return rate, (cpu_seconds_of(pid) - before) * 1000 / max(rate * round_s, 1)
 
 
 def _overrides(args: list[str]) -> dict[str, dict[str, Any]]:
@@ -75,19 +79,35 @@ def _catalog(stack: Any, config: Path) -> None:
                "FROM generate_series(1, 100) g, v ON CONFLICT DO NOTHING")
 
 
+def _flag(args: list[str], name: str) -> bool:
+    if name in args:
+        args.remove(name)
+        return True
+    return False
+
+
+def _option(args: list[str], name: str, default: float) -> float:
+    if name in args:
+        i = args.index(name)
+        value = float(args[i + 1])
+        del args[i:i + 2]
+        return value
+    return default
+
+
 def main() -> None:
     args = sys.argv[1:]
     b_tree = None
-    catalog = args[:1] == ["--catalog"]
-    if catalog:
-        args = args[1:]
-    use_redis = args[:1] == ["--redis"]
-    if use_redis:
-        args = args[1:]
+    catalog = _flag(args, "--catalog")
+    access_log = _flag(args, "--access-log")
+    use_redis = _flag(args, "--redis")
+    rounds, round_s = int(_option(args, "--rounds", ROUNDS)), int(_option(args, "--round-s", ROUND_S))
     if args[:1] == ["--b-tree"] and len(args) > 1:
         b_tree, args = Path(args[1]).resolve(), args[2:]
-    b_overrides = _overrides(args)
+    b_overrides: dict[str, Any] = _overrides(args)
     limits = {**LIMITS, **b_overrides.pop("defaults", {})}
+    if access_log:
+        b_overrides["logging"] = {"access_log": True, "level": "WARNING"}
     with local_stack(pool_size=20) as stack, tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as servers:
         work = Path(tmp)
         if use_redis:
@@ -110,28 +130,49 @@ def main() -> None:
             prepare = lambda config: _catalog(stack, config)  # noqa: E731
         if not b_overrides and b_tree is None:
             wrk(a_url, requests, duration_s=3)
-            rounds = [_round(a_url, _gateway_pid(a_port), requests) for _ in range(3)]
-            print(f"gateway: {max(r for r, _ in rounds):.0f} req/s (best of 3 x {ROUND_S} s), "
-                  f"{statistics.median(c for _, c in rounds):.3f} ms CPU per request (median)")
+            alone = [_round(a_url, _gateway_pid(a_port), requests) for _ in range(3)]
+            print(f"gateway: {max(r for r, _ in alone):.0f} req/s (best of 3 x {ROUND_S} s), "
+                  f"{statistics.median(c for _, c in alone):.3f} ms CPU per request (median)")
             return
         b_port, _ = servers.enter_context(gateway_process(stack, work, source=b_tree, defaults=limits,
                                                           prepare=prepare, **b_overrides))
-        b_url = f"http://127.0.0.1:{b_port}/v1/query"
-        for url in (a_url, b_url):
-            wrk(url, requests, duration_s=3)
-        a_pid, b_pid = _gateway_pid(a_port), _gateway_pid(b_port)
-        a_rounds, b_rounds = [], []
-        for _ in range(6):
-            a_rounds.append(_round(a_url, a_pid, requests))
-            b_rounds.append(_round(b_url, b_pid, requests))
-        for label, rounds in (("A (as configured)", a_rounds), (f"B ({' '.join(sys.argv[1:])})", b_rounds)):
-            print(f"{label}: {statistics.median(r for r, _ in rounds):.0f} req/s, "
-                  f"{statistics.median(c for _, c in rounds):.3f} ms gateway CPU per request; "
-                  f"rounds {[round(r) for r, _ in rounds]}")
-        rate = statistics.median(r for r, _ in b_rounds) / statistics.median(r for r, _ in a_rounds)
-        cpu = statistics.median(c for _, c in b_rounds) / statistics.median(c for _, c in a_rounds)
-        print(f"B / A: {rate:.3f} req/s, {cpu:.3f} CPU per request")
+        label = "access log on" if access_log else " ".join(sys.argv[1:])
+        _compare(a_port, b_port, requests, label, rounds, round_s, record_as="Access log cost" if access_log else None)
 
+
+def _compare(a_port: int, b_port: int, requests: Path, label: str, n: int, round_s: int,
+             record_as: str | None) -> None:
+    """A and B take turns for ``n`` rounds; print (and with ``record_as``, record) the medians."""
+    a_url, b_url = (f"http://127.0.0.1:{p}/v1/query" for p in (a_port, b_port))
+    for url in (a_url, b_url):
+        wrk(url, requests, duration_s=3)
+    a_pid, b_pid = _gateway_pid(a_port), _gateway_pid(b_port)
+    a_rounds, b_rounds = [], []
+    for _ in range(n):
+        a_rounds.append(_round(a_url, a_pid, requests, round_s))
+        b_rounds.append(_round(b_url, b_pid, requests, round_s))
+    lines = []
+    for name, rounds in (("A (as configured)", a_rounds), (f"B ({label})", b_rounds)):
+        lines.append(f"{name}: {statistics.median(r for r, _ in rounds):.0f} req/s, "
+                     f"{statistics.median(c for _, c in rounds):.3f} ms gateway CPU per request; "
+                     f"rounds {[round(r) for r, _ in rounds]}")
+    (a_rate, a_cpu), (b_rate, b_cpu) = ((statistics.median(r for r, _ in x), statistics.median(c for _, c in x))
+                                        for x in (a_rounds, b_rounds))
+    rate, cpu = b_rate / a_rate, b_cpu / a_cpu
+    lines.append(f"B / A: {rate:.3f} req/s, {cpu:.3f} CPU per request")
+    print("\n".join(lines))
+    if record_as is not None:
+        record(record_as, f"""`python -m benchmarks.ab_gateway --access-log --rounds {n} --round-s {round_s:g}`: one
+gateway with `logging.access_log: false` (A) and one with the shipped default `true` (B,
+stdout to a file), taking turns at saturation (wrk, 32 connections, the throughput mix).
+Target: the log costs at most 3 % of throughput.
+
+| | req/s (median) | gateway CPU ms / request |
+|---|---|---|
+| A: access log off | {a_rate:.0f} | {a_cpu:.3f} |
+| B: access log on | {b_rate:.0f} | {b_cpu:.3f} |
+| **cost of the access log** | **{(1 - rate) * 100:+.1f} %** | **{(cpu - 1) * 100:+.1f} %** |
+""")
 
 if __name__ == "__main__":
     main()

@@ -81,12 +81,13 @@ def run(coro: Any) -> Any:
 
 @contextlib.contextmanager
 def gateway_process(stack: LocalStack, workdir: Path, *, source: Path | None = None,
-                    prepare: Callable[[Path], None] | None = None,
+                    prepare: Callable[[Path], None] | None = None, extra_args: tuple[str, ...] = (),
                     **overrides: Any) -> Iterator[tuple[int, int]]:
     """Run `tenant-proxy serve` in its own process (so the load generator does not share its
     event loop or core); yields (port, admin_port).  ``source``: another checkout whose
     ``proxy`` package to run (benchmarks/ab_gateway.py --b-tree); ``prepare``: called with
-    the config file before the gateway starts (to set up a control catalog)."""
+    the config file before the gateway starts (to set up a control catalog); ``extra_args``:
+    more `serve` arguments (``--workers 2``)."""
     import subprocess
     import sys
     import time
@@ -111,7 +112,10 @@ def gateway_process(stack: LocalStack, workdir: Path, *, source: Path | None = N
     if prepare is not None:
         prepare(config)
     env = None if source is None else {**os.environ, "PYTHONPATH": str(source)}
-    proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config)], cwd=source, env=env)
+    # stdout (the access log, when on) to a file, as a log shipper would read it
+    with (workdir / f"gateway-{port}.out").open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config), *extra_args],
+                                cwd=source, env=env, stdout=out)
     try:
         for _ in range(100):
             try:

@@ -89,8 +89,8 @@ async def _measure(source: LocalStack, target: LocalStack, rows: int, offline: b
             async def watch_slot() -> None:
                 nonlocal held
                 while True:
-                    value = await admin.fetchval(
-                        "SELECT max(pg_wal_lsn_diff(pg_current_wal_insert_lsn(), restart_lsn)) FROM pg_replication_slots")
+                    value = await admin.fetchval("SELECT max(pg_wal_lsn_diff(pg_current_wal_insert_lsn(), "
+                                                 "restart_lsn)) FROM pg_replication_slots")
                     held = max(held, int(value or 0))
                     await asyncio.sleep(0.2)
 

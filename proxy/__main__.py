@@ -1,6 +1,10 @@
 """Command line: ``tenant-proxy serve|check-config|hash-key|new-key|audit|export|import|purge|move|dev``,
 and the control catalog's ``control|tenants|keys`` (proxy/control/cli.py).
 
+``serve --workers N`` (default 1: this process serves) starts N worker processes sharing
+the ports (proxy/workers.py); SIGTERM drains them all, SIGHUP reloads them all.  A
+refused ``--workers`` (below 1, above four per CPU, with port 0) exits 2.
+
 The only module that reads argv or the environment.
 """
 
@@ -15,10 +19,13 @@ import secrets
 import signal
 import sys
 from pathlib import Path
+from typing import IO, Any, cast
 
 from . import __version__
+from .access_log import LineBatchHandler
 from .auth import hash_key
 from .config import ConfigError, Settings, TenancyConfig, load_config
+from .worker_peers import WorkerSlot
 
 # The admin token `move` (without a control catalog) and `purge` send to the gateway's admin API.
 ADMIN_TOKEN_ENV = "TENANT_PROXY_ADMIN_TOKEN"
@@ -28,21 +35,38 @@ def _load(path: str) -> Settings:
     return load_config(path, os.environ)
 
 
+class _TextOut:
+    """A binary write/flush over a text stream."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, data: bytes) -> int:
+        return int(self.stream.write(data.decode()))
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
     # The access log is one JSON object per line on stdout, for log shippers.
+    # Written in batches by proxy/access_log.py's thread, in whole lines.
     access = logging.getLogger("tenant_proxy.access")
-    handler = logging.StreamHandler(sys.stdout)
+    # A text stream without a binary buffer (stdout captured by a test or an embedding
+    # program) gets the lines decoded.
+    handler = LineBatchHandler(getattr(sys.stdout, "buffer", None) or cast(IO[bytes], _TextOut(sys.stdout)))
     handler.setFormatter(logging.Formatter("%(message)s"))
     access.addHandler(handler)
     access.propagate = False
     access.setLevel(logging.INFO)
 
 
-async def _serve(settings: Settings, config_path: str, banner: str | None = None) -> None:
+async def _serve(settings: Settings, config_path: str, banner: str | None = None,
+                 worker: WorkerSlot | None = None) -> None:
     from .app import start_gateway
 
-    running = await start_gateway(settings, Path(config_path), os.environ)
+    running = await start_gateway(settings, Path(config_path), os.environ, worker=worker)
     logging.getLogger("tenant_proxy").info(
         "serving on %s:%d (admin %s:%d)", settings.server.host, running.port,
         settings.server.admin_host, running.admin_port)
@@ -60,12 +84,24 @@ async def _serve(settings: Settings, config_path: str, banner: str | None = None
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
+    if worker is not None:
+        orphan = asyncio.create_task(_stop_if_orphaned(os.getppid(), stop))
     await stop.wait()
+    if worker is not None:
+        orphan.cancel()
     # Graceful: report not-ready while load balancers notice, then stop accepting, let
     # in-flight requests finish (up to server.shutdown_timeout_s), then close the pools.
     running.gateway.draining = True
     await asyncio.sleep(settings.server.drain_s)
     await running.stop()
+
+
+async def _stop_if_orphaned(parent: int, stop: asyncio.Event) -> None:
+    """A worker whose supervisor died (SIGKILL, no chance to stop it) stops itself."""
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    logging.getLogger("tenant_proxy").error("the supervisor (pid %d) is gone: stopping", parent)
+    stop.set()
 
 
 def _run(coro_factory: object) -> None:
@@ -78,8 +114,23 @@ def _run(coro_factory: object) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    settings = _load(args.config)
+    from .workers import check_count, check_ports, supervise
+
+    if args.worker_slot:  # one of the workers a supervisor started
+        settings = _load(args.config)
+        _setup_logging(settings.logging.level)
+        _run(_serve(settings, args.config, worker=WorkerSlot.parse(args.worker_slot)))
+        return 0
+    problem = check_count(args.workers, os.cpu_count() or 1)
+    if problem is None:
+        settings = _load(args.config)
+        problem = check_ports(settings, args.workers)
+    if problem is not None:
+        print(f"serve: {problem}", file=sys.stderr)
+        return 2
     _setup_logging(settings.logging.level)
+    if args.workers > 1:
+        return supervise(args.config, settings, args.workers)
     _run(_serve(settings, args.config))
     return 0
 
@@ -291,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the gateway")
     p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the ports (SO_REUSEPORT), each an "
+                   "instance of the fleet; /metrics adds them up (default 1: this process serves, no other)")
+    p.add_argument("--worker-slot", help=argparse.SUPPRESS)  # index/count/dir, from the supervisor
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("check-config", help="validate a config file; exit 1 listing every problem")

@@ -23,6 +23,7 @@ from .control.schema import CatalogError, CatalogNotFound
 from .errors import CONFIG_INVALID, CONTROL_UNAVAILABLE, INVALID_REQUEST, NOT_FOUND, UNAUTHENTICATED, ApiError
 from .keys import ADMIN_ACTOR, GATEWAY
 from .limits import pool_report
+from .worker_peers import merged_exposition
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Every change made through the admin API, one JSON object per line (the catalog's change
@@ -53,6 +54,9 @@ async def metrics(request: web.Request) -> web.Response:
     dsn = gw.runtime.settings.database.pgbouncer_admin_dsn
     if dsn:
         gw.metrics.pgbouncer = await pgbouncer.read(dsn, PGBOUNCER_TIMEOUT_S)
+    if gw.worker is not None:  # serve --workers: every worker's figures, added up
+        body, content_type = await merged_exposition(gw, gw.worker, request.headers.get("Accept"))
+        return web.Response(body=body, headers={"Content-Type": content_type})
     # Copied here, on the loop that writes the figures; rendering (the CPU work) runs off it.
     snapshot = gw.metrics.snapshot()
     body, content_type = await asyncio.get_running_loop().run_in_executor(

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import datetime
 import itertools
 import logging
 import os
-import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -17,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from . import __version__, admin, handlers, idempotency, jwks, neon, openapi
+from .access_log import AccessLog
 from .auth import Authenticator, KeySource
-from .config import ConfigError, Limits, LoggingConfig, Settings, load_config
+from .config import ConfigError, Limits, Settings, load_config
 from .control.sync import ControlSync
 from .control.view import Overlay, View
 from .db import DATABASE_ERRORS, Database, PoolStats, TxRequest
@@ -39,9 +37,9 @@ from .policy.rates import RedisUnavailable, open_limiter
 from .routing import Router
 from .statement import Statement
 from .trace import RequestTrace
+from .worker_peers import WorkerSlot, start_peer_site
 
 log = logging.getLogger("tenant_proxy")
-access_logger = logging.getLogger("tenant_proxy.access")
 
 _START_ERRORS: tuple[type[Exception], ...] = (RoleCanBypassRls, RedisUnavailable, *DATABASE_ERRORS)
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -99,6 +97,10 @@ class Gateway:
     file_settings: Settings | None = None
     # Transactions in flight that may write, per tenant: what a pause waits for.
     writing: dict[str, int] = field(default_factory=dict)
+    # The access log's queue and writer thread (flushed by the stop).
+    access: AccessLog = field(default_factory=AccessLog)
+    # Which of `serve --workers N` this process is; None for a single process.
+    worker: WorkerSlot | None = None
     _overlay: Overlay = field(default_factory=Overlay)
     _closing: set[asyncio.Task[None]] = field(default_factory=set)
     _purger: asyncio.Task[None] | None = None
@@ -194,7 +196,8 @@ class Gateway:
             return
         self.file_settings = s
         address = s.control.address or f"{s.server.admin_host}:{s.server.admin_port}"
-        self.control = ControlSync(s.control, address, self.apply_view, self.drain_writes)
+        self.control = ControlSync(s.control, address, self.apply_view, self.drain_writes,
+                                   worker=None if self.worker is None else self.worker.index)
         await self.control.start()
         self.control.register_metrics(self.metrics.registry)
 
@@ -307,21 +310,9 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
             duration = time.perf_counter() - started
             gw = request.app[GATEWAY]
             gw.metrics.observe(trace, status, duration, rid)
-            access_log(gw.runtime.settings.logging, trace, status, duration, rid)
-
-
-def access_log(cfg: LoggingConfig, trace: RequestTrace, status: int, duration: float, request_id: str) -> None:
-    """One JSON line per request; never SQL text, parameters or credentials."""
-    if not cfg.access_log or (status < 400 and cfg.access_sample < 1.0 and random.random() >= cfg.access_sample):
-        return
-    access_logger.info(orjson.dumps({
-        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
-        "request_id": request_id, "caller": trace.caller, "tenant": trace.tenant, "endpoint": trace.endpoint,
-        "fingerprint": trace.fingerprint, "status": status, "error": trace.error_code, "rows": trace.rows,
-        "duration_ms": round(duration * 1000, 3),
-        "wait_ms": None if trace.wait_s is None else round(trace.wait_s * 1000, 3),
-        "db_ms": None if trace.db_s is None else round(trace.db_s * 1000, 3),
-    }).decode())
+            logging_cfg = gw.runtime.settings.logging
+            if logging_cfg.access_log:
+                gw.access.record(logging_cfg, trace, status, duration, rid)
 
 
 def _application(gateway: Gateway, client_max_size: int, middlewares: list[Any]) -> web.Application:
@@ -361,6 +352,7 @@ class RunningGateway:
             await runner.cleanup()
         gw.runners.clear()
         await gw.close()
+        await asyncio.get_running_loop().run_in_executor(None, gw.access.close)
 
 
 def _quiet_cancelled_resets(loop: asyncio.AbstractEventLoop) -> None:
@@ -381,10 +373,11 @@ def _quiet_cancelled_resets(loop: asyncio.AbstractEventLoop) -> None:
 
 
 async def start_gateway(settings: Settings, config_path: Path | None = None,
-                        env: Mapping[str, str] | None = None) -> RunningGateway:
+                        env: Mapping[str, str] | None = None, worker: WorkerSlot | None = None) -> RunningGateway:
     """Open the pools and bind both ports (port 0 picks a free one).
 
-    ``config_path`` (and the ``env`` its ``${VARS}`` come from) enable reloads."""
+    ``config_path`` (and the ``env`` its ``${VARS}`` come from) enable reloads; ``worker``:
+    one of several processes sharing the ports (SO_REUSEPORT), with a peer socket."""
     _quiet_cancelled_resets(asyncio.get_running_loop())
     limiter = await open_limiter(settings.fleet_limits.redis_url, settings.fleet_limits.redis_timeout_ms)
     router = Router(settings)
@@ -393,7 +386,7 @@ async def start_gateway(settings: Settings, config_path: Path | None = None,
     admission = Admission(limiter, settings.database.acquire_timeout_ms / 1000)
     admission.resize(router.pool_sizes(), settings.database.acquire_timeout_ms / 1000)
     gateway = Gateway(runtime=Runtime.build(settings, refresher), router=router, admission=admission,
-                      config_path=config_path, env=env or {}, jwks=refresher)
+                      config_path=config_path, env=env or {}, jwks=refresher, worker=worker)
     try:
         await gateway.start_control()
     except BaseException:
@@ -411,8 +404,10 @@ async def start_gateway(settings: Settings, config_path: Path | None = None,
                                handler_cancellation=True, keepalive_timeout=settings.server.keepalive_timeout_s,
                                head_timeout=lambda: gateway.runtime.settings.server.header_timeout_s)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=worker is not None)
         await site.start()
         gateway.runners.append(runner)
         ports.append(runner.addresses[-1][1])
+    if worker is not None:
+        gateway.runners.append(await start_peer_site(gateway, worker))
     return RunningGateway(gateway=gateway, port=ports[0], admin_port=ports[1])

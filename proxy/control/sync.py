@@ -39,8 +39,10 @@ BACKOFF_S = (0.1, 5.0)
 _ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, CatalogError)
 
 
-def instance_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+def instance_id(worker: int | None = None) -> str:
+    """Unique per process; ``serve --workers`` adds the worker's index (``host-pid-w1-3fa2c0``)."""
+    index = "" if worker is None else f"-w{worker}"
+    return f"{socket.gethostname()}-{os.getpid()}{index}-{os.urandom(3).hex()}"
 
 
 class ControlSync:
@@ -49,9 +51,9 @@ class ControlSync:
     given tenants."""
 
     def __init__(self, cfg: ControlConfig, address: str, apply: Callable[[views.View], None],
-                 drain: Callable[[set[str]], Awaitable[None]]) -> None:
+                 drain: Callable[[set[str]], Awaitable[None]], worker: int | None = None) -> None:
         self.cfg = cfg
-        self.id = instance_id()
+        self.id = instance_id(worker)
         self.address = address
         self._apply = apply
         self._drain = drain
