@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SQL_DIR = REPO / "deploy" / "sql"
+# The migrations ship inside the package (deploy/sql links here), so a wheel can migrate too.
+SQL_DIR = Path(__file__).resolve().parent / "sql"
 DEMO_SQL = REPO / "deploy" / "dev" / "demo.sql"
 PGBOUNCER_INI = REPO / "pgbouncer.ini"
 DATABASE = "appdb"
