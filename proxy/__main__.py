@@ -132,26 +132,6 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return 1
 
 
-def cmd_migrate(args: argparse.Namespace) -> int:
-    from .tools.migrate import SQL_DIR, MigrateError, migrate
-
-    try:
-        asyncio.run(migrate(args.dsn, Path(args.dir) if args.dir else SQL_DIR, lambda line: print(line, flush=True)))
-    except MigrateError as exc:
-        print(f"migrate: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _add_migrate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("migrate", help="apply the SQL migrations not yet applied, each once, recorded with its "
-                       "checksum; exit 1 naming the file that failed or changed")
-    p.add_argument("--dsn", required=True, help="a superuser, straight to PostgreSQL (not through PgBouncer)")
-    p.add_argument("--dir", help="the migrations' directory (default: the ones this tenant-proxy ships, "
-                   "deploy/sql in a checkout)")
-    p.set_defaults(func=cmd_migrate)
-
-
 def _tenant(value: str, settings: Settings) -> str:
     from .config import canonical_tenant_id
     from .lifecycle import LifecycleError
@@ -330,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="take tenancy settings (column, schemas, global tables) from this config")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=cmd_audit)
-    _add_migrate_parser(sub)
+    from .tools.migrate_cli import add_parser as add_migrate_parser
+
+    add_migrate_parser(sub)
 
     p = sub.add_parser("export", help="write one tenant's rows of every tenant table, one consistent snapshot")
     p.add_argument("--config", required=True, help="YAML config: database.dsn (the gateway's role), tenancy.*")
