@@ -55,13 +55,14 @@ REVOKE ALL ON {TABLE} FROM PUBLIC;
 
 # The files that predate this command, and what each leaves in a database that only it
 # creates there (checked in this database, not cluster-wide: roles exist once per cluster,
-# so a role alone proves nothing about this database).  Files added after migrate existed
-# are never adopted: migrate itself applies them.
+# so a role alone proves nothing about this database; to_regrole, never ::regrole, which
+# fails on a cluster without the role).  Files added after migrate existed are never
+# adopted: migrate itself applies them.
 ADOPTION_EVIDENCE: dict[str, tuple[str, str]] = {
     "001_roles.sql": ("roles app and app_owner, app_owner granted CREATE on schema public", """
         SELECT to_regrole('app') IS NOT NULL AND to_regrole('app_owner') IS NOT NULL AND EXISTS (
           SELECT 1 FROM pg_namespace n, aclexplode(n.nspacl) a
-          WHERE n.nspname = 'public' AND a.grantee = 'app_owner'::regrole AND a.privilege_type = 'CREATE')"""),
+          WHERE n.nspname = 'public' AND a.grantee = to_regrole('app_owner') AND a.privilege_type = 'CREATE')"""),
     "002_tenant_context.sql": ("function public.current_tenant_id()",
                                "SELECT to_regprocedure('public.current_tenant_id()') IS NOT NULL"),
     "003_hardening.sql": ("set_config() not executable by PUBLIC", """
@@ -73,7 +74,7 @@ ADOPTION_EVIDENCE: dict[str, tuple[str, str]] = {
     "006_control.sql": ("role tenant_proxy_control granted CREATE on this database", """
         SELECT to_regrole('tenant_proxy_control') IS NOT NULL AND EXISTS (
           SELECT 1 FROM pg_database d, aclexplode(d.datacl) a
-          WHERE d.datname = current_database() AND a.grantee = 'tenant_proxy_control'::regrole
+          WHERE d.datname = current_database() AND a.grantee = to_regrole('tenant_proxy_control')
             AND a.privilege_type = 'CREATE')"""),
     "010_events.sql": ("partitioned table public.events", """
         SELECT EXISTS (SELECT 1 FROM pg_class WHERE oid = to_regclass('public.events') AND relkind = 'p')"""),
