@@ -79,7 +79,11 @@ async def fresh(stack: Stack) -> AsyncIterator[Fresh]:
     await admin.close()
 
 
-async def test_a_fresh_database_gets_every_file_once_and_a_second_run_nothing(fresh: Fresh) -> None:
+async def test_a_fresh_database_gets_every_file_once_and_a_second_run_nothing(stack: Stack, fresh: Fresh) -> None:
+    if stack.local is not None:
+        # The dev/test stack migrates its brand-new cluster (no roles yet) with this same code.
+        assert {how for _, how in (await recorded(stack.admin_dsn)).values()} == {"applied"}
+        assert (await recorded(stack.admin_dsn)).keys() == set(FILES)
     dsn = await fresh()
     code, lines, _ = migrate(dsn)
     # The cluster already has the roles (appdb was set up): this database's objects decide, not adopted.
