@@ -120,8 +120,14 @@ async def test_a_changed_applied_file_is_refused_naming_it(fresh: Fresh, tmp_pat
     conn = await asyncpg.connect(dsn)
     try:
         assert await conn.fetchval("SELECT to_regclass('public.migrate_new')") is None
+        # A file recorded that these migrations lack: a newer tenant-proxy migrated this database.
+        await conn.execute(f"INSERT INTO {TABLE} (name, sha256, how) VALUES ('999_future.sql', $1, 'applied')",
+                           "0" * 64)
     finally:
         await conn.close()
+    code, lines, err = migrate(dsn)
+    assert code == 1 and lines == []
+    assert "this database has 999_future.sql recorded, which these migrations do not include" in err
 
 
 async def test_a_database_set_up_before_migrate_existed_is_adopted(fresh: Fresh, tmp_path: Path) -> None:
