@@ -214,8 +214,11 @@ def benchmark(stack: LocalStack, work: Path) -> dict[str, Any]:
     # so the runs follow each other closely and the latency runs can take turns rate by rate.
     with contextlib.ExitStack() as servers:
         bare_port = servers.enter_context(bare_reference_process(stack))
-        gw_port, gw_admin = servers.enter_context(gateway_process(stack, work, defaults=LIMITS))
-        jwt_port, jwt_admin = servers.enter_context(gateway_process(stack, work, defaults=LIMITS, auth=jwt_auth))
+        # The shipped defaults: the access log on (one JSON line per request, to a file here).
+        shipped = {"access_log": True, "level": "WARNING"}
+        gw_port, gw_admin = servers.enter_context(gateway_process(stack, work, defaults=LIMITS, logging=shipped))
+        jwt_port, jwt_admin = servers.enter_context(gateway_process(stack, work, defaults=LIMITS, auth=jwt_auth,
+                                                                    logging=shipped))
         require_ready(gw_admin)
         require_ready(jwt_admin)
         gw_pid = pid_of("proxy", "serve", str(work / f"gateway-{gw_port}.yaml"))
@@ -359,7 +362,7 @@ def report(r: dict[str, Any], total_s: float) -> str:
         f"- One PgBouncer (transaction mode, pool 20); gateway and bare server pools of 20, each server in its own "
         f"process, all up for the whole run. {CLIENTS} clients everywhere. Gateway: guard, metrics and per-tenant "
         f"limits on (rate {LIMITS['rate_per_s']:,}/s, max_concurrency {LIMITS['max_concurrency']}: never refusing), "
-        "access log off; JWT run: one HS256 token per tenant.",
+        "access log on (the shipped default, written to a file); JWT run: one HS256 token per tenant.",
         f"- Saturation: pgbench `-M simple -c {CLIENTS} -j {THREADS} -T {SATURATION_S}` (`BEGIN \\; SET LOCAL` needs "
         f"the simple protocol); wrk `-c {CLIENTS} -t {THREADS} -d {SATURATION_S}s` over {PREBUILT} pre-built "
         f"requests (benchmarks/wrk_post.lua). A {WARMUP_S} s warm-up each, then {ROUNDS} rounds taking turns; tx/s "

@@ -1,4 +1,4 @@
-"""Command line: ``tenant-proxy serve|check-config|hash-key|new-key|audit|export|import|purge|move|dev``,
+"""Command line: ``tenant-proxy serve|check-config|hash-key|new-key|audit|migrate|export|import|purge|move|dev``,
 and the control catalog's ``control|tenants|keys`` (proxy/control/cli.py).
 
 ``serve --workers N`` (default 1: this process serves) starts N worker processes sharing
@@ -364,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="take tenancy settings (column, schemas, global tables) from this config")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=cmd_audit)
+    from .tools.migrate_cli import add_parser as add_migrate_parser
+
+    add_migrate_parser(sub)
 
     p = sub.add_parser("export", help="write one tenant's rows of every tenant table, one consistent snapshot")
     p.add_argument("--config", required=True, help="YAML config: database.dsn (the gateway's role), tenancy.*")

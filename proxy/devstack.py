@@ -10,6 +10,7 @@ production.
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import os
 import pwd
@@ -19,11 +20,13 @@ import socket
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SQL_DIR = REPO / "deploy" / "sql"
+# The migrations ship inside the package (deploy/sql links here), so a wheel can migrate too.
+SQL_DIR = Path(__file__).resolve().parent / "sql"
 DEMO_SQL = REPO / "deploy" / "dev" / "demo.sql"
 PGBOUNCER_INI = REPO / "pgbouncer.ini"
 DATABASE = "appdb"
@@ -239,10 +242,23 @@ log_min_messages = warning
         exists = self.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'", database="postgres")
         if not exists.strip():
             self.psql(f"CREATE DATABASE {DATABASE}", database="postgres")
-        for path in sorted(SQL_DIR.glob("*.sql")):
-            self.psql(file=path)
+        self.run_migrations()
         self.psql(f"ALTER ROLE {APP_USER} PASSWORD '{APP_PASSWORD}'")
         self.psql(f"ALTER ROLE {AUTH_USER} PASSWORD '{AUTH_PASSWORD}'")
+
+    def run_migrations(self) -> None:
+        """``tenant-proxy migrate`` on the stack's database, the path production takes.  In a
+        thread of its own: a caller may be inside a running event loop (async fixtures)."""
+        from .tools.migrate import MigrateError, migrate
+
+        def run() -> None:
+            asyncio.run(migrate(self.admin_dsn, SQL_DIR, lambda line: None))
+
+        with ThreadPoolExecutor(1) as pool:
+            try:
+                pool.submit(run).result()
+            except MigrateError as exc:
+                raise StackError(f"migrate: {exc}") from None
 
     def load_demo(self) -> None:
         self.psql(file=DEMO_SQL)
