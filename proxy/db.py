@@ -46,7 +46,16 @@ from .errors import (
     from_sqlstate,
 )
 from .pgconn import GatewayConnection, init_connection, no_reset
-from .statement import Result, RowSink, Statement, UndecodableValue, cap_bytes, pipelined, run_statement
+from .statement import (
+    ELEMENT_READ_BYTES,
+    Result,
+    RowSink,
+    Statement,
+    UndecodableValue,
+    cap_bytes,
+    pipelined,
+    run_statement,
+)
 from .trace import RequestTrace
 from .wire import SplicingTransport, connect
 
@@ -310,7 +319,7 @@ class Database:
         except asyncpg.PostgresError as exc:
             if writer is not None and writer.overread and not committing:
                 _terminate(conn)
-                raise _overread(tx) from None
+                raise _overread(tx, writer) from None
             if committing and _connection_lost(exc):
                 _terminate(conn)
                 raise _outcome_unknown() from None
@@ -318,6 +327,12 @@ class Database:
             if _tripped_wall(exc):
                 _terminate(conn)
                 raise ApiError(STATEMENT_REJECTED, "the statement changed the tenant setting") from None
+            if exc.sqlstate == "08P01" and not conn.is_closed():
+                # The server refused a message about this statement (a parameter its receive
+                # function cannot read), the connection is fine: not the database being down,
+                # which would take a replica out of rotation for every tenant.
+                raise ApiError(SQL_ERROR_DATA, f"the database could not read a parameter: "
+                               f"{getattr(exc, 'message', None) or exc}", sqlstate="08P01") from None
             if type(exc) is asyncpg.DataError:
                 # asyncpg's own (the server's data errors are subclasses): a parameter its codec refused
                 raise ApiError(INVALID_REQUEST, f"invalid parameter: {exc}") from None
@@ -344,7 +359,7 @@ class Database:
             broken = "cannot switch to state" in message or conn.is_closed()
             _terminate(conn)  # the connection's protocol state is unknown
             if writer is not None and writer.overread and not committing:
-                raise _overread(tx) from None
+                raise _overread(tx, writer) from None
             if broken:
                 # A message nobody asked for took the protocol over between two steps
                 # (PgBouncer passing on the FATAL of a backend that was terminated).
@@ -365,7 +380,7 @@ class Database:
         except _CONNECTION_ERRORS as exc:
             _terminate(conn)
             if writer is not None and writer.overread and not committing:
-                raise _overread(tx) from None
+                raise _overread(tx, writer) from None
             raise (_outcome_unknown() if committing else _unavailable(exc)) from None
         except asyncio.CancelledError:
             # The client hung up.  asyncpg has sent PostgreSQL a cancel request for the
@@ -482,9 +497,13 @@ def _connection_lost(exc: asyncpg.PostgresError) -> bool:
     return (exc.sqlstate or "").startswith("08") or exc.sqlstate in ("57P01", "57P02", "57P03")
 
 
-def _overread(tx: TxRequest) -> ApiError:
+def _overread(tx: TxRequest, writer: SplicingTransport) -> ApiError:
     """The meter cut the connection (wire.py): the result passed ``tx.read_limit``.  The
     transaction never reached its COMMIT (a READ ONLY one's may have, and wrote nothing)."""
+    if writer.per_element:
+        return ApiError(SQL_ERROR_DATA, f"a result with array or composite columns may bring at most "
+                        f"{ELEMENT_READ_BYTES >> 20} MiB from the database (they are decoded element by element); "
+                        "nothing was committed. Select array_to_json(...) or fewer rows", sqlstate="54000")
     return ApiError(SQL_ERROR_DATA, f"the result is far larger than this tenant's max_response_bytes "
                     f"({tx.max_bytes} bytes) and was refused before it was read; nothing was committed. "
                     "Add a LIMIT, or select less", sqlstate="54000")

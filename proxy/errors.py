@@ -98,6 +98,7 @@ _BY_SQLSTATE: dict[str, ErrorKind] = {
     "57P02": DATABASE_UNAVAILABLE,
     "57P03": DATABASE_UNAVAILABLE,
     "53300": DATABASE_UNAVAILABLE,
+    "53400": SQL_ERROR_DATA,     # configuration_limit_exceeded: the statement passed temp_file_limit
     "25006": SQL_ERROR_DATA,
 }
 _BY_CLASS: dict[str, ErrorKind] = {
@@ -111,7 +112,9 @@ _BY_CLASS: dict[str, ErrorKind] = {
     "P0": SQL_ERROR_DATA,        # raised by a PL/pgSQL function
     "53": DATABASE_UNAVAILABLE,  # insufficient resources
     "58": INTERNAL,
-    "XX": INTERNAL,
+    # A built-in raising an internal error on the caller's arguments
+    # (pg_identify_object_as_address(0, 0, 0)): the statement's doing, not the gateway's.
+    "XX": SQL_ERROR_DATA,
 }
 
 
@@ -131,7 +134,7 @@ def from_sqlstate(sqlstate: str | None, message: str) -> ApiError:
     """Map a PostgreSQL error (SQLSTATE + primary message only) to an ApiError."""
     state = sqlstate or ""
     kind = _BY_SQLSTATE.get(state) or _BY_CLASS.get(state[:2], SQL_ERROR_DATA)
-    if kind is INTERNAL:
+    if kind is INTERNAL or state.startswith("XX"):
         message = "the database reported an internal error"
     elif state.startswith("22"):
         message = withhold_values(message)

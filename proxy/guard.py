@@ -51,6 +51,7 @@ ACTIVITY_FUNCTIONS = frozenset({
     "pg_stat_statements", "pg_stat_statements_info",
     # the transaction counter and commit times of any transaction id, and the control file's counters
     "mxid_age", "pg_xact_commit_timestamp", "pg_xact_commit_timestamp_origin", "pg_last_committed_xact",
+    "pg_get_multixact_members",
     "pg_control_checkpoint", "pg_control_system", "pg_control_init", "pg_control_recovery",
 })
 ACTIVITY_PREFIX = "pg_stat_get_"

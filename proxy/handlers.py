@@ -426,7 +426,9 @@ async def _answer(request: web.Request, gw: Gateway, tenant: Tenant, plan: Plan,
         # The 200 went out: an error answer now would be written into the chunked body.
         return _cut_stream(stream, request, trace, exc)
     if outcome.replay is not None:
-        return web.Response(body=outcome.replay.body, status=outcome.replay.status, content_type="application/json",
+        # Always 200: the gateway stores only 200 answers, and the record is a row of a tenant
+        # table the caller's own SQL can change (a status of 101 went on the wire as such).
+        return web.Response(body=outcome.replay.body, status=200, content_type="application/json",
                             headers={"Idempotent-Replayed": "true"})
     trace.rows = sum(len(r.rows) for r in outcome.results)
     payload = outcome.body if outcome.body is not None else encode(outcome.results)

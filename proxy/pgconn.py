@@ -86,8 +86,10 @@ async def init_connection(conn: asyncpg.Connection) -> None:
     # Bit strings and geometric types as PostgreSQL's text too: asyncpg builds them bit by
     # bit and point by point in Python, so one large value held the event loop for seconds
     # after its transaction had ended (issue 18, round three).
+    # Network addresses likewise: asyncpg builds an ipaddress object per value (8 us each:
+    # an array of a million froze the loop 8 s, round four).
     for name in ("pg_lsn", "txid_snapshot", "pg_snapshot", "bit", "varbit", "point", "line", "lseg", "box",
-                 "path", "polygon", "circle"):
+                 "path", "polygon", "circle", "inet", "cidr", "macaddr", "macaddr8"):
         await conn.set_type_codec(name, schema="pg_catalog", encoder=str, decoder=str, format="text")
     # float4 as the shortest decimal that reads back as the same float4 (0.1, as
     # PostgreSQL prints it, not the double 0.10000000149011612).

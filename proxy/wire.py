@@ -31,7 +31,7 @@ class SplicingTransport:
     hands any over, so this is what bounds the memory one response can take (a row of
     ``repeat('x', 500000000)`` is one message)."""
 
-    __slots__ = ("_transport", "before_sync", "front", "overread", "read_limit", "read_used")
+    __slots__ = ("_transport", "before_sync", "front", "overread", "per_element", "read_limit", "read_used")
 
     def __init__(self, transport: Any) -> None:
         self._transport = transport
@@ -40,9 +40,10 @@ class SplicingTransport:
         self.read_limit = 0  # 0: not metered
         self.read_used = 0
         self.overread = False
+        self.per_element = False  # the limit is statement.ELEMENT_READ_BYTES's
 
     def arm_read_limit(self, limit: int) -> None:
-        self.read_limit, self.read_used, self.overread = limit, 0, False
+        self.read_limit, self.read_used, self.overread, self.per_element = limit, 0, False, False
 
     def set_protocol(self, protocol: Any) -> None:
         """asyncpg's TLS path hands its protocol over itself: meter it too."""

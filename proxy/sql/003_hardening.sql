@@ -88,6 +88,7 @@ BEGIN
         'pg_tablespace_size', 'pg_prepared_xact', 'pg_get_backend_memory_contexts',
         'pg_stat_statements', 'pg_stat_statements_info',
         'mxid_age', 'pg_xact_commit_timestamp', 'pg_xact_commit_timestamp_origin', 'pg_last_committed_xact',
+        'pg_get_multixact_members',
         'pg_control_checkpoint', 'pg_control_system', 'pg_control_init', 'pg_control_recovery'])
       -- age(xid) counts from the current transaction id; age(timestamp) stays
       OR p.oid = 'pg_catalog.age(xid)'::regprocedure)

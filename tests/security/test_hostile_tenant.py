@@ -6,6 +6,8 @@ attacks, where the fix is a resource bound) and its rows are neither shown nor c
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,7 +19,7 @@ import pytest_asyncio
 from proxy.config import Limits
 from proxy.limits import Scheduler
 
-from ..fix_gateway import KEY_B, SEED, TENANT_A, TENANT_B, Api
+from ..fix_gateway import KEY_A, KEY_B, SEED, TENANT_A, TENANT_B, Api
 from ..fix_stack import Stack
 
 B_SEED = SEED[TENANT_B]
@@ -461,3 +463,113 @@ async def test_counters_and_row_statistics_are_not_shown(
     r = await api.query("SELECT count(*) AS n FROM information_schema.tables WHERE table_name = 'events'")
     assert r.status == 200 and r.body["rows"] == [{"n": 1}]
     await assert_b_unharmed(api, admin_db, before)
+
+
+# ---------------------------------------------------------------- round four (helper's probes, fixed)
+
+async def _b_worst_latency_while(api: Api, attack: Any) -> tuple[Any, float, list[Any]]:
+    """Run ``attack`` (a coroutine) while B sends SELECT 1 every 20 ms; B's worst latency."""
+    stop = False
+    worst = 0.0
+    failures: list[Any] = []
+
+    async def victim() -> None:
+        nonlocal worst
+        while not stop:
+            t = time.perf_counter()
+            r = await api.query("SELECT 1 AS one", key=KEY_B)
+            worst = max(worst, time.perf_counter() - t)
+            if r.status != 200:
+                failures.append((r.status, r.body))
+            await asyncio.sleep(0.02)
+
+    task = asyncio.create_task(victim())
+    await asyncio.sleep(0.2)
+    try:
+        result = await attack
+    finally:
+        await asyncio.sleep(0.3)
+        stop = True
+        await task
+    return result, worst, failures
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT array_fill('10.1.2.0/24'::cidr, ARRAY[1000000]) AS a",
+    "SELECT array_fill(NULL::int, ARRAY[10000000]) AS a",
+    "SELECT array_fill(now(), ARRAY[1000000]) AS a",
+    "SELECT array_fill(0.5::float4, ARRAY[1000000]) AS a",
+])
+async def test_a_large_array_is_refused_before_it_freezes_the_loop(api: Api, sql: str) -> None:
+    """Round four F1: arrays are decoded element by element on the event loop (a million
+    cidr took 8 s, 10 million NULLs 3.5 s): a result with array columns may bring 2 MiB."""
+    reply, worst, failures = await _b_worst_latency_while(api, api.query(sql, read_only=True))
+    assert (reply.status, reply.code) == (422, "sql_error"), reply.body
+    assert "array_to_json" in reply.body["error"]["message"]
+    assert not failures, failures
+    assert worst < 1.0, f"B's SELECT 1 took {worst:.2f} s behind {sql}"
+
+
+async def test_arrays_within_the_budget_and_as_json_are_answered(api: Api) -> None:
+    r = await api.query("SELECT ARRAY['10.1.2.0/24'::cidr, '::1'::inet] AS a, ARRAY[1, NULL, 3] AS b, "
+                        "'08:00:2b:01:02:03'::macaddr AS m")
+    assert r.status == 200 and r.body["rows"] == [{"a": ["10.1.2.0/24", "::1"], "b": [1, None, 3],
+                                                   "m": "08:00:2b:01:02:03"}], r.body
+    r = await api.query("SELECT array_to_json(array_fill(7, ARRAY[500000])) AS a", read_only=True)
+    assert r.status == 200 and len(r.body["rows"][0]["a"]) == 500000
+
+
+async def test_a_parameter_the_server_cannot_read_keeps_the_replicas(gateway_with: Any, stack: Stack) -> None:
+    """Round four F2: PostgreSQL answers 08P01 to a \"char\" parameter of '' (a statement's
+    problem on a live connection); it took every replica out of rotation for all tenants."""
+    async with gateway_with(database={"replicas": [stack.gateway_dsn]}) as api:
+        router = api.running.gateway.router
+        r = await api.query('SELECT $1::"char" AS c', "", read_only=True)
+        assert (r.status, r.code) == (422, "sql_error") and r.body["error"]["retryable"] is False, r.body
+        downs = [name for c in router._clusters.values() for name, until in c.down_until.items()
+                 if until > time.monotonic()]
+        assert downs == [], downs
+        r = await api.query("SELECT 1 AS one", key=KEY_B, read_only=True)
+        assert r.status == 200
+
+
+def _raw_post(port: int, body: bytes, headers: dict[str, str]) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        s.sendall(f"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{head}"
+                  f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        out = b""
+        s.settimeout(3)
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except TimeoutError:
+            pass
+        return out
+
+
+@pytest.mark.parametrize("status", [101, -5, 1000])
+async def test_a_replay_answers_200_whatever_the_stored_status(api: Api, status: int) -> None:
+    """Round four F3: the idempotency record is a row of a tenant table; a replay put its
+    status on the wire (101 Switching Protocols, invalid status lines)."""
+    key = f"round4-{status}-{time.monotonic_ns()}"
+    body = {"sql": "INSERT INTO events (event_type, data) VALUES ('round4', '{}') RETURNING event_type",
+            "params": []}
+    r = await api.request("POST", "/v1/query", json=body, headers={"Idempotency-Key": key})
+    assert r.status == 200, r.body
+    r = await api.query("UPDATE idempotency_keys SET status = $1 WHERE key = $2 RETURNING status", status, key)
+    assert r.status == 200 and r.body["rows"] == [{"status": status}], r.body
+    raw = await asyncio.to_thread(_raw_post, api.running.port, json.dumps(body).encode(),
+                                  {"Authorization": f"Bearer {KEY_A}", "Idempotency-Key": key})
+    assert raw.split(b"\r\n", 1)[0].startswith(b"HTTP/1.1 200"), raw[:100]
+    assert b"Idempotent-Replayed: true" in raw
+    await api.query("DELETE FROM events WHERE event_type = 'round4'")
+
+
+async def test_internal_errors_on_demand_are_4xx_and_multixacts_are_hidden(api: Api) -> None:
+    """Round four F4: XX000 raised on a built-in's arguments was a 500 at will;
+    pg_get_multixact_members shows other tenants' row locks."""
+    r = await api.query("SELECT pg_identify_object_as_address(0, 0, 0)")
+    assert (r.status, r.code) == (422, "sql_error"), r.body
+    r = await api.query("SELECT pg_get_multixact_members('1'::xid)")
+    assert (r.status, r.code) == (400, "statement_rejected"), r.body

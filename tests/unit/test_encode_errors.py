@@ -68,7 +68,8 @@ def test_sqlstate_table() -> None:
         "57014": ("statement_timeout", 504), "40001": ("serialization_failure", 409),
         "40P01": ("deadlock_detected", 409), "42P01": ("sql_error", 400), "22012": ("sql_error", 422),
         "23502": ("sql_error", 422), "08006": ("database_unavailable", 503), "57P01": ("database_unavailable", 503),
-        "XX000": ("internal", 500), "ZZ999": ("sql_error", 422),
+        "XX000": ("sql_error", 422), "58030": ("internal", 500), "ZZ999": ("sql_error", 422),
+        "53400": ("sql_error", 422), "53300": ("database_unavailable", 503),
     }
     for state, (code, status) in cases.items():
         err = from_sqlstate(state, "msg")
