@@ -86,10 +86,12 @@ async def _measure(source: LocalStack, target: LocalStack, rows: int, offline: b
             baseline_rate = await _wal_since(admin, lsn) / BASELINE_S
             held = 0
 
+            watch = await asyncpg.connect(source.admin_dsn)  # its own: `admin` is used meanwhile
+
             async def watch_slot() -> None:
                 nonlocal held
                 while True:
-                    value = await admin.fetchval("SELECT max(pg_wal_lsn_diff(pg_current_wal_insert_lsn(), "
+                    value = await watch.fetchval("SELECT max(pg_wal_lsn_diff(pg_current_wal_insert_lsn(), "
                                                  "restart_lsn)) FROM pg_replication_slots")
                     held = max(held, int(value or 0))
                     await asyncio.sleep(0.2)
@@ -102,6 +104,8 @@ async def _measure(source: LocalStack, target: LocalStack, rows: int, offline: b
             ended = time.monotonic()
             wal = await _wal_since(admin, lsn)
             watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+            await watch.close()
             await asyncio.sleep(0.5)
             writer.stop.set()
             await task

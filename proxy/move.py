@@ -54,6 +54,10 @@ DRAIN_TIMEOUT_S = 30.0
 CATCH_UP_BYTES = 1 << 20       # the lag below which the cut-over starts
 CATCH_UP_TIMEOUT_S = 60.0      # ... or after this long waiting for it
 CUTOVER_TIMEOUT_S = 10.0       # the most the paused tenant waits for the target to catch up
+# The row counts are compared inside the pause only when counting the tenant takes less than
+# this (timed before the pause): the pause must not grow with the tenant's size.  Beyond,
+# the slot's confirmation of a flushed position past every commit is what stands for them.
+VERIFY_IN_PAUSE_S = 0.2
 
 
 @dataclass(slots=True)
@@ -218,6 +222,12 @@ async def _replicate_and_cut_over(settings: Settings, repl: Replication, tables:
         deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
         while await repl.lag_bytes() > CATCH_UP_BYTES and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        counted = time.monotonic()
+        rows = await _counts(repl.source, tables, tenant)
+        verify = time.monotonic() - counted < VERIFY_IN_PAUSE_S
+        if not verify:
+            say(f"move: counting the tenant takes {time.monotonic() - counted:.1f} s: the row counts are not "
+                "compared in the pause (the slot's confirmation stands for them)")
         t0 = time.monotonic()
         paused = True
         if await _pause(coordinator, tenant, target) != source:
@@ -225,7 +235,8 @@ async def _replicate_and_cut_over(settings: Settings, repl: Replication, tables:
         t1 = time.monotonic()
         await repl.wait_applied(await repl.flushed_position(), CUTOVER_TIMEOUT_S)
         t2 = time.monotonic()
-        rows = await _same_counts(repl, tables, target)
+        if verify:
+            rows = await _same_counts(repl, tables, target)
         t3 = time.monotonic()
         await repl.advance_sequences(tables)
         flipped = True

@@ -35,6 +35,10 @@ fi
 if ! command -v wrk >/dev/null 2>&1; then
   missing+=(wrk)
 fi
+# Paced HTTP load for the latency runs of benchmarks/throughput.py.
+if ! command -v hey >/dev/null 2>&1; then
+  missing+=(hey)
+fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" != 0 ]; then

@@ -6,7 +6,7 @@ catalog), or the whole limit for a single instance.
 
 With ``limits.redis_url`` the fleet shares one bucket per tenant in Redis: GCRA (the
 generic cell rate algorithm, a token bucket kept as one timestamp) in one server-side
-script, on Redis's clock.  An instance takes a few tokens at a time (a lease, about 20 ms
+script, on Redis's clock.  An instance takes a few tokens at a time (a lease, about 100 ms
 of the tenant's rate, at least one) and spends them locally, so a busy tenant costs one
 round trip per lease, not per request; a lease unused after a second is dropped (the
 fleet then admits slightly less, never more).  When Redis does not answer within
@@ -30,7 +30,7 @@ from ..errors import RATE_LIMITED, ApiError
 
 log = logging.getLogger("tenant_proxy.rates")
 
-LEASE_S = 0.02         # tokens taken from Redis at a time: this long of the tenant's rate
+LEASE_S = 0.1          # tokens taken from Redis at a time: this long of the tenant's rate
 LEASE_TTL_S = 1.0      # unused leased tokens are dropped after this
 RETRY_REDIS_S = 1.0    # after a failure, the local share until this much later
 

@@ -14,6 +14,7 @@ import pytest_asyncio
 
 from proxy.devstack import SQL_DIR
 
+from ..fix_gateway import KEY_B, TENANT_A, TENANT_B, Api
 from ..fix_stack import Stack
 
 AUDIT_DB = "audit_target"
@@ -200,3 +201,61 @@ async def test_a_weakened_partition_is_found_and_its_fix_restores_it(stack: Stac
     assert "restrictive policy no_x of its parent is missing" in findings[0]["message"]
     await target.execute(findings[0]["fix"])
     assert audit(stack) == (0, [])
+
+
+# ---------------------------------------------------------------- tenant_ddl.enable_isolation (issue 23 item 2)
+
+NOTES = """
+CREATE TABLE public.notes (tenant_id uuid NOT NULL DEFAULT public.current_tenant_id(), id bigserial,
+                           body text, PRIMARY KEY (tenant_id, id));
+ALTER TABLE public.notes OWNER TO app_owner;
+"""
+
+
+async def test_one_call_makes_a_tenant_table_the_audit_passes(stack: Stack, target: asyncpg.Connection) -> None:
+    await target.execute(NOTES)
+    code, findings = audit(stack)
+    assert code == 1 and "public.notes" in {f["object"] for f in findings}, findings
+    said = await target.fetchval("SELECT tenant_ddl.enable_isolation('public.notes')")
+    assert "notes is a tenant table" in said and "replica identity its primary key" in said
+    assert await target.fetchval("SELECT tenant_ddl.enable_isolation('public.notes')") == said  # idempotent
+    assert audit(stack) == (0, [])
+    # partitioned: every partition gets the same; a key without the tenant column gets FULL
+    await target.execute(
+        "CREATE TABLE public.logs (tenant_id uuid NOT NULL, at date NOT NULL, line text) PARTITION BY RANGE (at);"
+        "CREATE TABLE public.logs_2026 PARTITION OF public.logs FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');"
+        "ALTER TABLE public.logs OWNER TO app_owner; ALTER TABLE public.logs_2026 OWNER TO app_owner")
+    said = await target.fetchval("SELECT tenant_ddl.enable_isolation('public.logs')")
+    assert "replica identity FULL" in said
+    rows = await target.fetch("SELECT relname, relrowsecurity, relforcerowsecurity, relreplident::text AS ident, "
+                              "(SELECT count(*) FROM pg_policy p WHERE p.polrelid = c.oid) AS policies "
+                              "FROM pg_class c WHERE relname IN ('logs', 'logs_2026') ORDER BY 1")
+    assert [tuple(r) for r in rows] == [("logs", True, True, "d", 1), ("logs_2026", True, True, "f", 1)]
+    assert audit(stack) == (0, [])
+
+
+async def test_what_it_cannot_make_safe_is_refused_unchanged(target: asyncpg.Connection) -> None:
+    await target.execute("CREATE TABLE public.plain (id int PRIMARY KEY, body text);"
+                         "CREATE TABLE public.keyed (tenant_id uuid NOT NULL, id int PRIMARY KEY)")
+    with pytest.raises(asyncpg.UndefinedColumnError, match="has no column tenant_id"):
+        await target.execute("SELECT tenant_ddl.enable_isolation('public.plain')")
+    with pytest.raises(asyncpg.InvalidObjectDefinitionError, match="keyed_pkey of keyed lacks tenant_id"):
+        await target.execute("SELECT tenant_ddl.enable_isolation('public.keyed')")
+    rows = await target.fetch("SELECT relrowsecurity FROM pg_class WHERE relname IN ('plain', 'keyed')")
+    assert [r[0] for r in rows] == [False, False]
+
+
+async def test_the_gateway_confines_a_table_made_so(api: Api, admin_db: asyncpg.Connection) -> None:
+    await admin_db.execute("DROP TABLE IF EXISTS public.notes; " + NOTES)
+    try:
+        await admin_db.execute("SELECT tenant_ddl.enable_isolation('public.notes')")
+        for key, tenant in ((None, TENANT_A), (KEY_B, TENANT_B)):
+            r = await (api.query("INSERT INTO notes (body) VALUES ($1) RETURNING tenant_id", tenant) if key is None
+                       else api.query("INSERT INTO notes (body) VALUES ($1) RETURNING tenant_id", tenant, key=key))
+            assert r.status == 200 and r.body["rows"] == [{"tenant_id": tenant}], r.body
+        r = await api.query("SELECT body FROM notes")
+        assert r.body["rows"] == [{"body": TENANT_A}]
+        r = await api.query("INSERT INTO notes (tenant_id, body) VALUES ($1, 'forged')", TENANT_B)
+        assert (r.status, r.code) == (403, "rls_violation"), r.body
+    finally:
+        await admin_db.execute("DROP TABLE IF EXISTS public.notes")
