@@ -251,6 +251,13 @@ class Database:
             writer.arm_read_limit(tx.read_limit)
         try:
             return await self._run(raw, writer, tx, sql, client_timeout)
+        except Exception:
+            # The meter cut the connection (wire.py), which surfaces as whatever the driver
+            # was doing then.  It is disarmed before any COMMIT is sent, so nothing committed.
+            if writer is not None and writer.overread:
+                _terminate(raw)
+                raise _overread(tx, writer) from None
+            raise
         finally:
             done = time.perf_counter()
             trace.db_s = done - started
@@ -317,9 +324,6 @@ class Database:
             conn.set_gateway_tx_open(False)
             return Outcome(results=results, body=body)
         except asyncpg.PostgresError as exc:
-            if writer is not None and writer.overread and not committing:
-                _terminate(conn)
-                raise _overread(tx, writer) from None
             if committing and _connection_lost(exc):
                 _terminate(conn)
                 raise _outcome_unknown() from None
@@ -358,8 +362,6 @@ class Database:
                                "text and cast it in the statement ($1::text::the_type), or select it ::text") from None
             broken = "cannot switch to state" in message or conn.is_closed()
             _terminate(conn)  # the connection's protocol state is unknown
-            if writer is not None and writer.overread and not committing:
-                raise _overread(tx, writer) from None
             if broken:
                 # A message nobody asked for took the protocol over between two steps
                 # (PgBouncer passing on the FATAL of a backend that was terminated).
@@ -379,8 +381,6 @@ class Database:
                            "cast it to text") from None
         except _CONNECTION_ERRORS as exc:
             _terminate(conn)
-            if writer is not None and writer.overread and not committing:
-                raise _overread(tx, writer) from None
             raise (_outcome_unknown() if committing else _unavailable(exc)) from None
         except asyncio.CancelledError:
             # The client hung up.  asyncpg has sent PostgreSQL a cancel request for the

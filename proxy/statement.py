@@ -126,7 +126,8 @@ async def run_statement(conn: asyncpg.Connection, st: Statement, timeout: float,
     params = (st.convert or convert_params)(st.params, [_describe(t) for t in state._get_parameters()])
     attributes = state._get_attributes()
     columns = [(a.name, type_label(*_describe(a.type))) for a in attributes]
-    _limit_per_element_reads(conn, attributes)
+    meter = getattr(conn, "gateway_writer", None)  # wire.SplicingTransport: splices writes, meters reads
+    _limit_per_element_reads(meter, attributes)
     oids = [a.type.oid for a in attributes]
     # A result that may be larger than the sink's threshold is read through a named portal
     # that can be read on.
@@ -138,7 +139,7 @@ async def run_statement(conn: asyncpg.Connection, st: Statement, timeout: float,
     protocol = conn._protocol
     portal = conn._get_unique_id("portal") if streaming else ""
     first = sink.threshold + 1 if streaming and sink is not None else max_rows + 1
-    writer = getattr(conn, "gateway_writer", None) if commit is not None and columns and not streaming else None
+    writer = meter if commit is not None and columns and not streaming else None
     committed = False
     try:
         if writer is None:
@@ -156,8 +157,7 @@ async def run_statement(conn: asyncpg.Connection, st: Statement, timeout: float,
     except (ValueError, OverflowError) as exc:  # UnicodeDecodeError is a ValueError
         raise _undecodable(exc) from None
     if streaming and sink is not None and len(rows) > sink.threshold:
-        return await _streamed(protocol, state, portal, rows, st, columns, oids, timeout, max_rows, sink,
-                               getattr(conn, "gateway_writer", None))
+        return await _streamed(protocol, state, portal, rows, st, columns, oids, timeout, max_rows, sink, meter)
     truncated = len(rows) > max_rows
     if truncated:
         del rows[max_rows:]
@@ -179,8 +179,7 @@ async def run_statement(conn: asyncpg.Connection, st: Statement, timeout: float,
 ELEMENT_READ_BYTES = 2 << 20
 
 
-def _limit_per_element_reads(conn: asyncpg.Connection, attributes: Sequence[Any]) -> None:
-    meter = getattr(conn, "gateway_writer", None)
+def _limit_per_element_reads(meter: Any, attributes: Sequence[Any]) -> None:
     if meter is None or not meter.read_limit:
         return
     if any(a.type.kind in ("array", "composite") for a in attributes):

@@ -1,4 +1,5 @@
-"""The door to the database path: the tenant's rate (policy/rates.py), then a slot of
+"""The door to the database path: the tenant's rate (``rates``, policy/rates.py; taken by
+the handler, without an await when it is local), then a slot of
 the one pool the request will use (a ``limits.Scheduler`` per pool: each cluster's
 primary and each replica), so that a flood on one pool never takes the turn of a tenant
 waiting for another, and the weighted round-robin decides on every pool.  A request
@@ -39,13 +40,6 @@ class Admission:
     @property
     def slots(self) -> int:
         return sum(s.slots for s in self.pools.values())
-
-    async def rate(self, tenant: str, limits: Limits) -> None:
-        """Take a token for the request, or raise 429 ``rate_limited``."""
-        if self.rates.remote:
-            await self.rates.take(tenant, limits)
-        else:
-            self.rates.check(tenant, limits)
 
     async def admit(self, pool: str, tenant: str, limits: Limits) -> float:
         """Wait for a slot of ``pool``; the seconds waited.  Pair with ``release``."""
