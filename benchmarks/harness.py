@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from proxy.app import RunningGateway, start_gateway
-from proxy.auth import hash_key
 from proxy.config import Settings, parse_config
-from proxy.devstack import LocalStack
+from proxy.http.app import RunningGateway, start_gateway
+from proxy.policy.auth import hash_key
+from proxy.tools.devstack import LocalStack
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 BENCH_KEY = "bench-any-tenant-key"
@@ -95,7 +95,7 @@ def gateway_process(stack: LocalStack, workdir: Path, *, source: Path | None = N
 
     import yaml
 
-    from proxy.devstack import free_port
+    from proxy.tools.devstack import free_port
 
     port, admin_port = free_port(), free_port()
     raw: dict[str, Any] = {

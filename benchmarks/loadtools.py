@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from proxy.devstack import APP_PASSWORD, APP_USER, DATABASE, LocalStack, free_port
+from proxy.tools.devstack import APP_PASSWORD, APP_USER, DATABASE, LocalStack, free_port
 
 from .harness import percentile
 

@@ -24,8 +24,8 @@ from typing import Any
 import asyncpg
 
 from proxy.client import AsyncClient
-from proxy.devstack import LocalStack
-from proxy.move import MoveReport, move_tenant
+from proxy.tools.devstack import LocalStack
+from proxy.tools.move import MoveReport, move_tenant
 
 from .harness import BENCH_KEY, gateway, gateway_settings, record, run
 

@@ -49,7 +49,7 @@ import aiohttp
 import jwt
 import orjson
 
-from proxy.devstack import REPO, LocalStack
+from proxy.tools.devstack import REPO, LocalStack
 
 from .bare_reference import SQL
 from .harness import BENCH_KEY, gateway_process, local_stack, record, run

@@ -2,7 +2,7 @@
 and the control catalog's ``control|tenants|keys`` (proxy/control/cli.py).
 
 ``serve --workers N`` (default 1: this process serves) starts N worker processes sharing
-the ports (proxy/workers.py); SIGTERM drains them all, SIGHUP reloads them all.  A
+the ports (proxy/http/workers.py); SIGTERM drains them all, SIGHUP reloads them all.  A
 refused ``--workers`` (below 1, above four per CPU, with port 0) exits 2.
 
 The only module that reads argv or the environment.
@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 from . import __version__
-from .access_log import LineBatchHandler
-from .auth import hash_key
 from .config import ConfigError, Settings, TenancyConfig, load_config
-from .worker_peers import WorkerSlot
+from .http.worker_peers import WorkerSlot
+from .observe.access_log import LineBatchHandler
+from .policy.auth import hash_key
 
 # The admin token `move` (without a control catalog) and `purge` send to the gateway's admin API.
 ADMIN_TOKEN_ENV = "TENANT_PROXY_ADMIN_TOKEN"
@@ -51,7 +51,7 @@ class _TextOut:
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
     # The access log is one JSON object per line on stdout, for log shippers.
-    # Written in batches by proxy/access_log.py's thread, in whole lines.
+    # Written in batches by proxy/observe/access_log.py's thread, in whole lines.
     access = logging.getLogger("tenant_proxy.access")
     # A text stream without a binary buffer (stdout captured by a test or an embedding
     # program) gets the lines decoded.
@@ -64,7 +64,7 @@ def _setup_logging(level: str) -> None:
 
 async def _serve(settings: Settings, config_path: str, banner: str | None = None,
                  worker: WorkerSlot | None = None) -> None:
-    from .app import start_gateway
+    from .http.app import start_gateway
 
     running = await start_gateway(settings, Path(config_path), os.environ, worker=worker)
     logging.getLogger("tenant_proxy").info(
@@ -114,7 +114,7 @@ def _run(coro_factory: object) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .workers import check_count, check_ports, supervise
+    from .http.workers import check_count, check_ports, supervise
 
     if args.worker_slot:  # one of the workers a supervisor started
         settings = _load(args.config)
@@ -157,8 +157,8 @@ def cmd_new_key(args: argparse.Namespace) -> int:
 
 
 async def _audit(args: argparse.Namespace) -> int:
-    from .audit import exit_code, format_text, run_audit
-    from .db import connect_direct
+    from .pg.pool import connect_direct
+    from .tools.audit import exit_code, format_text, run_audit
 
     tenancy = _load(args.config).tenancy if args.config else TenancyConfig()
     conn = await connect_direct(args.dsn)
@@ -185,7 +185,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def _tenant(value: str, settings: Settings) -> str:
     from .config import canonical_tenant_id
-    from .lifecycle import LifecycleError
+    from .tools.tenant_data import LifecycleError
 
     tenant = canonical_tenant_id(value.strip(), settings.tenancy.id_format)
     if tenant is None:
@@ -195,9 +195,9 @@ def _tenant(value: str, settings: Settings) -> str:
 
 
 async def _export(args: argparse.Namespace, settings: Settings) -> int:
-    from .db import connect_direct
-    from .export import export_tenant
-    from .lifecycle import Progress
+    from .pg.pool import connect_direct
+    from .tools.export import export_tenant
+    from .tools.tenant_data import Progress
 
     tenant = _tenant(args.tenant, settings)
     conn = await connect_direct(settings.database.dsn)
@@ -215,9 +215,9 @@ async def _export(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _import(args: argparse.Namespace, settings: Settings) -> int:
     from .config import DEFAULT_CLUSTER
-    from .db import connect_direct
-    from .lifecycle import LifecycleError, Progress
-    from .restore import check_export, load_export
+    from .pg.pool import connect_direct
+    from .tools.restore import check_export, load_export
+    from .tools.tenant_data import LifecycleError, Progress
 
     tenant = _tenant(args.tenant, settings)
     cluster = settings.clusters.get(args.cluster)
@@ -243,8 +243,8 @@ async def _import(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _purge(args: argparse.Namespace, settings: Settings) -> int:
-    from .db import connect_direct
-    from .purge import purge_tenant
+    from .pg.pool import connect_direct
+    from .tools.purge import purge_tenant
 
     tenant = _tenant(args.tenant, settings)
     conn = await connect_direct(settings.database.dsn)
@@ -282,7 +282,7 @@ async def _forget_metrics(admin_url: str, tenant: str) -> str:
 
 
 async def _move(args: argparse.Namespace, settings: Settings) -> int:
-    from .move import move_tenant
+    from .tools.move import move_tenant
 
     tenant = _tenant(args.tenant, settings)
     if args.check:
@@ -300,7 +300,7 @@ async def _move(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _lifecycle_command(args: argparse.Namespace) -> int:
-    from .lifecycle import LifecycleError
+    from .tools.tenant_data import LifecycleError
 
     settings = _load(args.config)
     run = {"export": _export, "import": _import, "purge": _purge, "move": _move}[args.command]
@@ -315,7 +315,7 @@ def _lifecycle_command(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from .devstack import DEMO_BANNER, LocalStack, StackError, default_dev_dir
+    from .tools.devstack import DEMO_BANNER, LocalStack, StackError, default_dev_dir
 
     root = Path(args.dir).resolve() if args.dir else default_dev_dir()
     stack = LocalStack(root, pg_port=args.pg_port, bouncer_port=args.bouncer_port, pool_size=args.pool_size)
@@ -430,8 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         from .control.schema import CatalogError
-        from .db import DATABASE_ERRORS
-        from .pgconn import RoleCanBypassRls
+        from .pg.connection import RoleCanBypassRls
+        from .pg.pool import DATABASE_ERRORS
 
         if isinstance(exc, (RoleCanBypassRls, CatalogError)):
             print(f"refusing to start: {exc}", file=sys.stderr)

@@ -16,9 +16,9 @@ import orjson
 import pytest
 import pytest_asyncio
 
-from proxy.app import RunningGateway, start_gateway
-from proxy.auth import hash_key
 from proxy.config import Settings, parse_config
+from proxy.http.app import RunningGateway, start_gateway
+from proxy.policy.auth import hash_key
 
 from .fix_stack import Stack
 

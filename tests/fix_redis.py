@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.devstack import RedisServer
+from proxy.tools.devstack import RedisServer
 
 __all__ = ["RedisServer", "redis_server"]
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from proxy.devstack import APP_PASSWORD, APP_USER, DATABASE, SQL_DIR, LocalStack
+from proxy.tools.devstack import APP_PASSWORD, APP_USER, DATABASE, SQL_DIR, LocalStack
 
 # PgBouncer's pool: 1 server connection, so every client (attacker and victim alike)
 # shares one PostgreSQL backend, which is exactly what isolation must survive.

@@ -10,7 +10,7 @@ import jsonschema
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from proxy import openapi
+from proxy.http import openapi
 
 _URI = "urn:tenant-proxy:openapi"
 

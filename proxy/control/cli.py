@@ -20,8 +20,8 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..auth import hash_key
 from ..config import Settings, load_config
+from ..policy.auth import hash_key
 from .catalog import Catalog
 from .schema import CatalogError, connect, migrate
 

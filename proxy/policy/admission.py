@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from ..config import Limits
-from ..limits import Scheduler
+from .limits import Scheduler
 from .rates import RateLimiter
 
 

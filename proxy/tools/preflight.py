@@ -17,7 +17,7 @@ from typing import Any
 
 from ..config import DEFAULT_CLUSTER, Settings, TenancyConfig
 from ..control.schema import SCHEMA, CatalogError, connect
-from ..lifecycle import LifecycleError, TenantTable, tenant_tables
+from .tenant_data import LifecycleError, TenantTable, tenant_tables
 
 OFFLINE_HINT = ("or run `tenant-proxy move --offline`, which pauses the tenant's writes for the whole copy "
                 "but needs none of this")

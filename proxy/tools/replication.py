@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..lifecycle import LifecycleError, TenantTable, quote_ident, quote_literal
+from .tenant_data import LifecycleError, TenantTable, quote_ident, quote_literal
 
 POLL_S = 0.01
 

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from proxy.devstack import LocalStack
+from proxy.tools.devstack import LocalStack
 
 from ..fix_gateway import SEED, make_settings, merge, running_gateway
 from ..fix_stack import stack_of, temporary_stack

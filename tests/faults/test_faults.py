@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from proxy.devstack import LocalStack
+from proxy.tools.devstack import LocalStack
 
 from ..fix_gateway import KEY_A, KEY_B, TENANT_A, TENANT_B, Api
 from .conftest import admin_query, assert_no_transaction_left_open

@@ -6,7 +6,7 @@ import asyncio
 import uuid
 from typing import Any
 
-from proxy.devstack import LocalStack
+from proxy.tools.devstack import LocalStack
 
 from ..fix_gateway import Api
 from .conftest import admin_query

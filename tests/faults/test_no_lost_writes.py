@@ -9,7 +9,7 @@ import random
 from typing import Any
 
 from proxy.client import AsyncClient
-from proxy.devstack import LocalStack
+from proxy.tools.devstack import LocalStack
 
 from ..fix_gateway import KEY_ANY, TENANT_A, TENANT_B, TENANT_C
 from .conftest import admin_query, assert_no_transaction_left_open

@@ -258,7 +258,7 @@ async def test_pool_timeout(gateway_with: object) -> None:
 
 
 async def test_database_unavailable(gateway_with: object, stack: object) -> None:
-    from proxy.devstack import free_port
+    from proxy.tools.devstack import free_port
 
     dsn = f"postgresql://app:secret@127.0.0.1:{free_port()}/appdb"
     async with gateway_with(database={"dsn": dsn}) as api:  # type: ignore[operator]

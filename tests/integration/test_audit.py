@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from proxy.devstack import SQL_DIR
+from proxy.tools.devstack import SQL_DIR
 
 from ..fix_gateway import KEY_B, TENANT_A, TENANT_B, Api
 from ..fix_stack import Stack

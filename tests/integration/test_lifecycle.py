@@ -19,8 +19,8 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from proxy.devstack import APP_PASSWORD, APP_USER, SQL_DIR
-from proxy.lifecycle import MANIFEST
+from proxy.tools.devstack import APP_PASSWORD, APP_USER, SQL_DIR
+from proxy.tools.tenant_data import MANIFEST
 
 from ..fix_gateway import SEED, TENANT_A, TENANT_B, TYPED_TABLE
 from ..fix_stack import Stack

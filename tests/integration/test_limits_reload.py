@@ -16,9 +16,9 @@ import aiohttp
 import pytest_asyncio
 import yaml
 
-from proxy.app import start_gateway
-from proxy.auth import hash_key
-from proxy.devstack import free_port
+from proxy.http.app import start_gateway
+from proxy.policy.auth import hash_key
+from proxy.tools.devstack import free_port
 
 from ..fix_gateway import KEY_A, KEY_ANY, KEY_B, TENANT_A, TENANT_B, Api, base_config, merge
 from ..fix_stack import Stack

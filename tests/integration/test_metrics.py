@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.devstack import free_port
+from proxy.tools.devstack import free_port
 
 from ..fix_gateway import KEY_A, KEY_B, TENANT_A, TENANT_B, Api
 from ..fix_stack import Stack

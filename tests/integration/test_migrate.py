@@ -17,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest_asyncio
 
-from proxy.devstack import free_port
+from proxy.tools.devstack import free_port
 from proxy.tools.migrate import LOCK_KEY, SQL_DIR, TABLE
 
 from ..fix_stack import Stack

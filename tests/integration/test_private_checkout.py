@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 import yaml
 
-from proxy.devstack import REPO, free_port
+from proxy.tools.devstack import REPO, free_port
 
 PARTS = ("proxy", "deploy", "config", "pgbouncer.ini")
 

@@ -13,12 +13,12 @@ import asyncpg
 import pytest
 import yaml
 
-from proxy.app import start_gateway
-from proxy.db import Database, TxRequest, _connected_holder_free, _release, _releases_at_once
 from proxy.errors import ApiError
-from proxy.pgconn import RoleCanBypassRls
-from proxy.statement import Statement, _prepare, pipelined
-from proxy.trace import RequestTrace
+from proxy.http.app import start_gateway
+from proxy.observe.trace import RequestTrace
+from proxy.pg.connection import RoleCanBypassRls
+from proxy.pg.pool import Database, TxRequest, _connected_holder_free, _release, _releases_at_once
+from proxy.pg.statement import Statement, _prepare, pipelined
 
 from ..fix_gateway import KEY_A, KEY_B, TENANT_A, TENANT_B, base_config, make_settings, merge
 from ..fix_stack import Stack, stack_of, temporary_stack

@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from proxy.devstack import LocalStack
+from proxy.tools.devstack import LocalStack
 
 from ..fix_gateway import make_settings, running_gateway
 from ..fix_stack import stack_of, temporary_stack

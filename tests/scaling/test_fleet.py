@@ -20,12 +20,12 @@ import pytest
 import yaml
 
 from proxy.__main__ import main
-from proxy.app import start_gateway
 from proxy.config import load_config
 from proxy.control.schema import SCHEMA, CatalogError
-from proxy.devstack import LocalStack
-from proxy.lifecycle import LifecycleError
-from proxy.move import move_tenant
+from proxy.http.app import start_gateway
+from proxy.tools.devstack import LocalStack
+from proxy.tools.move import move_tenant
+from proxy.tools.tenant_data import LifecycleError
 
 from ..fix_gateway import KEY_A, KEY_ANY, KEY_B, TENANT_A, TENANT_B, Api, base_config, merge, running_gateway
 from ..fix_stack import stack_of
@@ -263,7 +263,7 @@ async def test_a_cut_off_instance_refuses_writes_after_its_lease_and_recovers(pr
                                       admin=True, key=None, headers=ADMIN)
         assert r.status == 200
         assert (await cut_off.query("SELECT 1", key=KEY_B)).status == 200  # its last good view
-        proxy.restore()
+        proxy.tools.restore()
         await within(8.0)(lambda: _status(cut_off.query(write, key=KEY_A), 200))
         assert (await cut_off.query("SELECT 1", key=KEY_B)).status == 403
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from proxy.devstack import LocalStack
+from proxy.tools.devstack import LocalStack
 
 from ..fix_gateway import KEY_A, KEY_B, TENANT_A, TENANT_B, Api, make_settings, running_gateway
 from ..fix_redis import RedisServer

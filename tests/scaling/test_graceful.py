@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from proxy.devstack import free_port
+from proxy.tools.devstack import free_port
 
 from ..fix_gateway import KEY_A, base_config, merge
 from ..fix_stack import Stack

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from proxy.client import AsyncClient
-from proxy.devstack import LocalStack
-from proxy.lifecycle import LifecycleError
-from proxy.move import move_tenant
+from proxy.tools.devstack import LocalStack
+from proxy.tools.move import move_tenant
+from proxy.tools.tenant_data import LifecycleError
 
 from ..fix_gateway import KEY_A, KEY_ANY, TENANT_A
 from .conftest import rows

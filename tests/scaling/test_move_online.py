@@ -19,8 +19,8 @@ import yaml
 from proxy.__main__ import main
 from proxy.client import AsyncClient
 from proxy.control.schema import SCHEMA
-from proxy.devstack import LocalStack
-from proxy.move import move_tenant
+from proxy.tools.devstack import LocalStack
+from proxy.tools.move import move_tenant
 from proxy.tools.replication import object_name
 
 from ..fix_gateway import KEY_ANY, TENANT_A, Api, base_config, make_settings, merge, running_gateway

@@ -14,8 +14,8 @@ import yaml
 
 from proxy.__main__ import main
 from proxy.config import TenancyConfig
-from proxy.devstack import APP_PASSWORD, APP_USER, DATABASE, LocalStack
 from proxy.tools import preflight
+from proxy.tools.devstack import APP_PASSWORD, APP_USER, DATABASE, LocalStack
 
 from ..fix_gateway import base_config, merge
 from ..fix_stack import stack_of

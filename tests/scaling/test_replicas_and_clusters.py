@@ -10,8 +10,8 @@ from typing import Any
 
 import asyncpg
 
-from proxy.devstack import LocalStack
-from proxy.routing import REPLICA_RETRY_S
+from proxy.pg.routing import REPLICA_RETRY_S
+from proxy.tools.devstack import LocalStack
 
 from ..fix_gateway import KEY_A, KEY_ANY, TENANT_A, TENANT_C, Api
 

@@ -23,7 +23,7 @@ import asyncpg
 import pytest
 import yaml
 
-from proxy.devstack import free_port
+from proxy.tools.devstack import free_port
 
 from ..fix_gateway import KEY_A, TENANT_A, base_config, merge
 from ..fix_stack import Stack

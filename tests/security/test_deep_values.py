@@ -17,7 +17,7 @@ import orjson
 import pytest
 import pytest_asyncio
 
-from proxy.encode import ARRAY_MAX_DIMENSIONS, JSON_MAX_DEPTH
+from proxy.pg.encode import ARRAY_MAX_DIMENSIONS, JSON_MAX_DEPTH
 
 from ..fix_gateway import KEY_A, KEY_B, SEED, TENANT_B, Api, make_settings, running_gateway
 from ..fix_stack import Stack

@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 
 from proxy.config import Limits
-from proxy.limits import Scheduler
+from proxy.policy.limits import Scheduler
 
 from ..fix_gateway import KEY_A, KEY_B, SEED, TENANT_A, TENANT_B, Api
 from ..fix_stack import Stack

@@ -10,9 +10,9 @@ import select
 
 import pytest
 
-from proxy.access_log import AccessLog, LineBatchHandler
 from proxy.config import LoggingConfig
-from proxy.trace import RequestTrace
+from proxy.observe.access_log import AccessLog, LineBatchHandler
+from proxy.observe.trace import RequestTrace
 
 TENANT = "aaaaaaaa-0000-4000-8000-00000000000a"
 

@@ -12,10 +12,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from proxy.auth import Authenticator, Principal, hash_key
 from proxy.config import parse_config
 from proxy.errors import ApiError
-from proxy.tenancy import resolve
+from proxy.policy.auth import Authenticator, Principal, hash_key
+from proxy.policy.tenancy import resolve
 
 A = "11111111-1111-4111-8111-111111111111"
 B = "22222222-2222-4222-8222-222222222222"

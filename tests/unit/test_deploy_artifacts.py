@@ -10,9 +10,9 @@ import subprocess
 from pathlib import Path
 
 from proxy.config import MetricsConfig
-from proxy.db import PoolStats
-from proxy.metrics import Metrics
-from proxy.trace import RequestTrace
+from proxy.observe.metrics import Metrics
+from proxy.observe.trace import RequestTrace
+from proxy.pg.pool import PoolStats
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 

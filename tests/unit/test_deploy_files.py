@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from proxy.config import parse_config
-from proxy.devstack import PGBOUNCER_INI, render_pgbouncer_ini
+from proxy.tools.devstack import PGBOUNCER_INI, render_pgbouncer_ini
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = REPO / "deploy" / "compose"
@@ -393,8 +393,8 @@ def _revoked_lists() -> list[set[str]]:
 
 def test_revoked_functions_agree_with_the_guard_and_the_audit() -> None:
     """The role's wall (003), the guard and the audit name the same functions."""
-    from proxy.audit import DANGEROUS_FUNCTIONS
-    from proxy.guard import ACTIVITY_FUNCTIONS, DENIED_FUNCTIONS
+    from proxy.policy.guard import ACTIVITY_FUNCTIONS, DENIED_FUNCTIONS
+    from proxy.tools.audit import DANGEROUS_FUNCTIONS
 
     dangerous, activity = _revoked_lists()
     assert dangerous == set(DANGEROUS_FUNCTIONS)

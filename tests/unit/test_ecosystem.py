@@ -18,8 +18,6 @@ import schemathesis
 from asyncpg import BitString, Range
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from proxy import handlers, jwks, neon
-from proxy.auth import Authenticator, UnknownKeyId
 from proxy.config import LIMIT_KEYS, ConfigError, parse_config
 from proxy.errors import (
     ALL_KINDS,
@@ -31,8 +29,11 @@ from proxy.errors import (
     UNAUTHENTICATED,
     ApiError,
 )
-from proxy.jwks import JwksError, parse_jwks
-from proxy.pgtext import json_to_text, param_from_text, parse_array, to_json, to_text
+from proxy.http import handlers, neon
+from proxy.pg.pgtext import json_to_text, param_from_text, parse_array, to_json, to_text
+from proxy.policy import jwks
+from proxy.policy.auth import Authenticator, UnknownKeyId
+from proxy.policy.jwks import JwksError, parse_jwks
 
 from ..openapi_doc import document, schema_properties
 

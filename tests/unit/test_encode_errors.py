@@ -10,8 +10,8 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.encode import convert_param, convert_params, dumps
 from proxy.errors import ALL_KINDS, ApiError, from_sqlstate
+from proxy.pg.encode import convert_param, convert_params, dumps
 
 
 def test_dumps_values() -> None:
@@ -82,7 +82,7 @@ def test_sqlstate_table() -> None:
 def test_an_idempotency_row_the_snapshot_cannot_see_is_in_progress_not_a_new_run() -> None:
     """The claim's insert met a row (not claimed) that its statement's snapshot cannot
     see (no stored hash): the first request committed meanwhile.  Running would run twice."""
-    from proxy import idempotency
+    from proxy.policy import idempotency
 
     claim = idempotency.Claim(key="k", request_hash="h", retention_s=60)
     with pytest.raises(ApiError) as err:

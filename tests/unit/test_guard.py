@@ -6,7 +6,7 @@ import pytest
 
 from proxy.config import GuardConfig
 from proxy.errors import ApiError
-from proxy.guard import Guard
+from proxy.policy.guard import Guard
 
 ALLOWED = {
     "SELECT 1": "SELECT",

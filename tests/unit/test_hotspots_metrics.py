@@ -6,9 +6,9 @@ import random
 import re
 
 from proxy.config import MetricsConfig
-from proxy.hotspots import HeavyHitters, SpaceSaving, choose_labelled
-from proxy.metrics import OTHER, Metrics
-from proxy.trace import RequestTrace
+from proxy.observe.hotspots import HeavyHitters, SpaceSaving, choose_labelled
+from proxy.observe.metrics import OTHER, Metrics
+from proxy.observe.trace import RequestTrace
 
 
 def test_space_saving_keeps_capacity_and_overestimates() -> None:

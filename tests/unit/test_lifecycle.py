@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from proxy.lifecycle import FORMAT, MANIFEST, LifecycleError, Progress, foreign_key_order, read_manifest
-from proxy.partitions import weaknesses
-from proxy.restore import decode_copy_line, read_rows
+from proxy.tools.partitions import weaknesses
+from proxy.tools.restore import decode_copy_line, read_rows
+from proxy.tools.tenant_data import FORMAT, MANIFEST, LifecycleError, Progress, foreign_key_order, read_manifest
 
 
 def test_copy_text_lines_decode_to_the_values() -> None:

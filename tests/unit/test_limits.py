@@ -7,9 +7,9 @@ import asyncio
 import pytest
 
 from proxy.config import Limits
-from proxy.db import PoolStats
 from proxy.errors import ApiError
-from proxy.limits import Scheduler, pool_report
+from proxy.pg.pool import PoolStats
+from proxy.policy.limits import Scheduler, pool_report
 from proxy.policy.rates import LocalBuckets, RateLimiter
 
 

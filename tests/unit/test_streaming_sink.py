@@ -11,10 +11,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.errors import CLIENT_CLOSED, ApiError
-from proxy.keys import REQUEST_ID, TRACE
-from proxy.statement import Result
-from proxy.streaming import JsonRowStream
-from proxy.trace import RequestTrace
+from proxy.http.appkeys import REQUEST_ID, TRACE
+from proxy.http.streaming import JsonRowStream
+from proxy.observe.trace import RequestTrace
+from proxy.pg.statement import Result
 
 
 async def _serve(close_before_start: bool) -> list[Any]:

@@ -1,0 +1,1 @@
+"""The HTTP layer: app assembly, middlewares, the data and admin endpoints, Neon's protocol, streaming, workers."""

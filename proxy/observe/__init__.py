@@ -1,0 +1,1 @@
+"""Observability: metrics, hotspots, PgBouncer's figures, request traces, the access log."""
