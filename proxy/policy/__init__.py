@@ -1,2 +1,3 @@
-"""Who may do what, how much and how fast: admission (rates and slots) for now; auth,
-tenancy, the guard and idempotency move here with the layout change (issue 22)."""
+"""Who may do what, how much and how fast: authentication (keys, JWT, JWKS), tenancy, the
+SQL guard, admission (rates, slots, the fair queue) and idempotency.  No database I/O and
+no HTTP (an import-linter contract)."""

@@ -1,2 +1,3 @@
-"""Offline tools that work on a database beside the running gateway (issue 22 moves the
-audit, export, import, purge and move here too): nothing on the request path imports them."""
+"""Offline tools that work on a database beside the running gateway: the audit, migrate,
+export, import, purge, move and the dev stack.  Nothing on the request path imports them
+(an import-linter contract)."""
