@@ -263,7 +263,7 @@ async def test_a_cut_off_instance_refuses_writes_after_its_lease_and_recovers(pr
                                       admin=True, key=None, headers=ADMIN)
         assert r.status == 200
         assert (await cut_off.query("SELECT 1", key=KEY_B)).status == 200  # its last good view
-        proxy.tools.restore()
+        proxy.restore()
         await within(8.0)(lambda: _status(cut_off.query(write, key=KEY_A), 200))
         assert (await cut_off.query("SELECT 1", key=KEY_B)).status == 403
 
