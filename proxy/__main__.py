@@ -430,8 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         from .control.schema import CatalogError
+        from .pg.classify import DATABASE_ERRORS
         from .pg.connection import RoleCanBypassRls
-        from .pg.pool import DATABASE_ERRORS
 
         if isinstance(exc, (RoleCanBypassRls, CatalogError)):
             print(f"refusing to start: {exc}", file=sys.stderr)

@@ -66,8 +66,8 @@ _CODES = ("unauthenticated", "tenant_required", "tenant_forbidden", "tenant_susp
           "not_found", "method_not_allowed", "payload_too_large", "request_timeout", "statement_rejected",
           "rls_violation", "conflict", "idempotency_in_progress", "idempotency_key_reused", "serialization_failure",
           "deadlock_detected", "statement_timeout", "pool_timeout", "rate_limited", "concurrency_limited",
-          "database_unavailable", "transaction_outcome_unknown", "tenant_moving", "sql_error", "internal",
-          "tenant_unknown", "control_unavailable")
+          "database_unavailable", "transaction_outcome_unknown", "tenant_moving", "sql_error", "sql_invalid",
+          "internal", "tenant_unknown", "control_unavailable")
 ERRORS: dict[str, type[GatewayError]] = {code: _error_class(code) for code in _CODES}
 Unauthenticated = ERRORS["unauthenticated"]
 StatementRejected = ERRORS["statement_rejected"]
@@ -77,6 +77,11 @@ RateLimited = ERRORS["rate_limited"]
 DatabaseUnavailable = ERRORS["database_unavailable"]
 OutcomeUnknown = ERRORS["transaction_outcome_unknown"]
 SqlError = ERRORS["sql_error"]
+# A statement the database cannot run at all (syntax, unknown names, privileges): a kind of
+# SqlError, so that code catching SqlError catches both.
+SqlInvalid: type[GatewayError] = type("SqlInvalidError", (SqlError,), {
+    "code": "sql_invalid", "__doc__": "The gateway answered `sql_invalid`."})
+ERRORS["sql_invalid"] = SqlInvalid
 
 
 @dataclass

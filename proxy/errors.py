@@ -55,8 +55,8 @@ DATABASE_UNAVAILABLE = ErrorKind("database_unavailable", 503, retryable=True)
 # have committed.  Not retryable blindly (a retry could write twice); with an
 # Idempotency-Key a retry replays the answer if it did.
 OUTCOME_UNKNOWN = ErrorKind("transaction_outcome_unknown", 502)
-SQL_ERROR = ErrorKind("sql_error", 400)
-SQL_ERROR_DATA = ErrorKind("sql_error", 422)
+SQL_INVALID = ErrorKind("sql_invalid", 400)  # not a statement this database can run: syntax, unknown names, privileges
+SQL_ERROR = ErrorKind("sql_error", 422)  # a valid statement that failed on its data
 INTERNAL = ErrorKind("internal", 500)
 
 ALL_KINDS = tuple(v for v in list(globals().values()) if isinstance(v, ErrorKind))
@@ -79,6 +79,15 @@ class ApiError(Exception):
         self.problems = problems
 
 
+# The server shut the backend down (admin_shutdown, crash_shutdown, cannot_connect_now):
+# like class 08, the connection is gone.
+_SERVER_GONE = ("57P01", "57P02", "57P03")
+
+
+def server_gone(sqlstate: str) -> bool:
+    return sqlstate in _SERVER_GONE
+
+
 # Exact SQLSTATEs first, then two-character classes.
 _BY_SQLSTATE: dict[str, ErrorKind] = {
     "42501": RLS_VIOLATION,
@@ -88,27 +97,25 @@ _BY_SQLSTATE: dict[str, ErrorKind] = {
     "40001": SERIALIZATION_FAILURE,
     "40P01": DEADLOCK_DETECTED,
     "57014": STATEMENT_TIMEOUT,
-    "57P01": DATABASE_UNAVAILABLE,
-    "57P02": DATABASE_UNAVAILABLE,
-    "57P03": DATABASE_UNAVAILABLE,
+    **dict.fromkeys(_SERVER_GONE, DATABASE_UNAVAILABLE),
     "53300": DATABASE_UNAVAILABLE,
-    "53400": SQL_ERROR_DATA,     # configuration_limit_exceeded: the statement passed temp_file_limit
-    "25006": SQL_ERROR_DATA,
+    "53400": SQL_ERROR,     # configuration_limit_exceeded: the statement passed temp_file_limit
+    "25006": SQL_ERROR,
 }
 _BY_CLASS: dict[str, ErrorKind] = {
     "08": DATABASE_UNAVAILABLE,  # connection exceptions, also PgBouncer's own errors
-    "42": SQL_ERROR,             # syntax error or access rule violation
-    "0A": SQL_ERROR,             # feature not supported
-    "22": SQL_ERROR_DATA,        # data exception
-    "23": SQL_ERROR_DATA,        # other integrity violations (not null, check)
-    "21": SQL_ERROR_DATA,        # cardinality violation
-    "2F": SQL_ERROR_DATA,
-    "P0": SQL_ERROR_DATA,        # raised by a PL/pgSQL function
+    "42": SQL_INVALID,             # syntax error or access rule violation
+    "0A": SQL_INVALID,             # feature not supported
+    "22": SQL_ERROR,        # data exception
+    "23": SQL_ERROR,        # other integrity violations (not null, check)
+    "21": SQL_ERROR,        # cardinality violation
+    "2F": SQL_ERROR,
+    "P0": SQL_ERROR,        # raised by a PL/pgSQL function
     "53": DATABASE_UNAVAILABLE,  # insufficient resources
     "58": INTERNAL,
     # A built-in raising an internal error on the caller's arguments
     # (pg_identify_object_as_address(0, 0, 0)): the statement's doing, not the gateway's.
-    "XX": SQL_ERROR_DATA,
+    "XX": SQL_ERROR,
 }
 
 
@@ -127,7 +134,7 @@ def withhold_values(message: str) -> str:
 def from_sqlstate(sqlstate: str | None, message: str) -> ApiError:
     """Map a PostgreSQL error (SQLSTATE + primary message only) to an ApiError."""
     state = sqlstate or ""
-    kind = _BY_SQLSTATE.get(state) or _BY_CLASS.get(state[:2], SQL_ERROR_DATA)
+    kind = _BY_SQLSTATE.get(state) or _BY_CLASS.get(state[:2], SQL_ERROR)
     if kind is INTERNAL or state.startswith("XX"):
         message = "the database reported an internal error"
     elif state.startswith("22"):

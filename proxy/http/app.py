@@ -5,12 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import itertools
 import logging
-import os
-import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,15 +18,17 @@ from .. import __version__
 from ..config import ConfigError, Limits, Settings, load_config
 from ..control.sync import ControlSync
 from ..control.view import Overlay, View
-from ..errors import CLIENT_CLOSED, ApiError
+from ..errors import ApiError
 from ..observe.access_log import AccessLog
 from ..observe.metrics import Metrics
 from ..observe.pools import PoolStats
 from ..observe.trace import RequestTrace
+from ..pg.classify import DATABASE_ERRORS
 from ..pg.connection import RoleCanBypassRls
-from ..pg.pool import DATABASE_ERRORS, Database, TxRequest
+from ..pg.pool import Pool
 from ..pg.routing import Router
 from ..pg.statement import Statement
+from ..pg.transaction import TxRequest
 from ..policy import idempotency, jwks
 from ..policy.admission import Admission
 from ..policy.auth import Authenticator, KeySource
@@ -38,20 +37,15 @@ from ..policy.guard_pool import ParseWorkers
 from ..policy.jwks import JwksRefresher
 from ..policy.rates import RedisUnavailable, open_limiter
 from . import admin, handlers, neon, openapi
-from .appkeys import GATEWAY, REQUEST_ID, TRACE
+from .appkeys import GATEWAY
 from .errors import error_middleware
 from .head_deadline import GatewayRunner
+from .middleware import observe_middleware, request_id_middleware
 from .worker_peers import WorkerSlot, start_peer_site
 
 log = logging.getLogger("tenant_proxy")
 
 _START_ERRORS: tuple[type[Exception], ...] = (RoleCanBypassRls, RedisUnavailable, *DATABASE_ERRORS)
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-# Request ids the gateway makes: 32 hex digits, a random half per process and a counter,
-# unique without a random draw (a system call) per request.  They name a request in
-# logs and traces; they are not secrets.
-_RID_PREFIX = os.urandom(8).hex()
-_rid_counter = itertools.count(1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +117,7 @@ class Gateway:
         return self.router.stats()
 
     @property
-    def database(self) -> Database:
+    def database(self) -> Pool:
         """The default cluster's primary pool."""
         return self.router.primary()
 
@@ -255,68 +249,6 @@ class Gateway:
         await self.admission.rates.close()
         if self._closing:
             await asyncio.gather(*self._closing)
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _request_id(request: web.Request) -> str:
-    """A sane caller-sent X-Request-Id, or a fresh one."""
-    sent = request.headers.get("X-Request-Id")
-    rid = sent if sent and _REQUEST_ID_RE.match(sent) else f"{_RID_PREFIX}{next(_rid_counter):016x}"
-    request[REQUEST_ID] = rid
-    return rid
-
-
-@web.middleware
-async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Echo a sane caller-sent X-Request-Id, or make one; set it on every response (admin port)."""
-    rid = _request_id(request)
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:
-        exc.headers["X-Request-Id"] = rid
-        raise
-    if not response.prepared:  # a streamed response carries it from the start
-        response.headers["X-Request-Id"] = rid
-    return response
-
-
-_UNMETERED = frozenset({"/healthz", "/readyz"})
-
-
-@web.middleware
-async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The data port's outer layer (one middleware, not two, on the hot path): the request
-    id, and once per request on the way out metrics, Server-Timing and the access log."""
-    rid = _request_id(request)
-    resource = request.match_info.route.resource
-    endpoint = resource.canonical if resource is not None else "unmatched"
-    metered = endpoint not in _UNMETERED
-    trace = RequestTrace(endpoint=endpoint)
-    request[TRACE] = trace
-    started = time.perf_counter()
-    status = 499  # the client went away before an answer
-    try:
-        response = await handler(request)
-        # A stream the client hung up on went out as 200, but no answer arrived.
-        status = 499 if trace.error_code == CLIENT_CLOSED.code else response.status
-        if not response.prepared:  # a streamed response sent its headers already
-            response.headers["X-Request-Id"] = rid
-            if metered:
-                response.headers["Server-Timing"] = trace.server_timing()
-        return response
-    except web.HTTPException as exc:
-        exc.headers["X-Request-Id"] = rid
-        raise
-    finally:
-        if metered:
-            duration = time.perf_counter() - started
-            gw = request.app[GATEWAY]
-            gw.metrics.observe(trace, status, duration, rid)
-            logging_cfg = gw.runtime.settings.logging
-            if logging_cfg.access_log:
-                gw.access.record(logging_cfg, trace, status, duration, rid)
 
 
 def _application(gateway: Gateway, client_max_size: int, middlewares: list[Any]) -> web.Application:

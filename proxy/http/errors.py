@@ -10,12 +10,12 @@ from aiohttp import web
 
 from ..errors import (
     INTERNAL,
+    INVALID_REQUEST,
     METHOD_NOT_ALLOWED,
     NOT_FOUND,
     PAYLOAD_TOO_LARGE,
     UNSUPPORTED_MEDIA_TYPE,
     ApiError,
-    ErrorKind,
     error_body,
 )
 from .appkeys import ERROR_RENDERER, REQUEST_ID, TRACE
@@ -29,6 +29,7 @@ def error_response(err: ApiError, request_id: str) -> web.Response:
                         content_type="application/json", headers=headers)
 
 
+# aiohttp's own refusals; any other 4xx or 5xx of its is the caller's request being wrong.
 _HTTP_KINDS = {404: NOT_FOUND, 405: METHOD_NOT_ALLOWED, 413: PAYLOAD_TOO_LARGE, 415: UNSUPPORTED_MEDIA_TYPE}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -45,7 +46,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        kind = _HTTP_KINDS.get(exc.status, ErrorKind("invalid_request", exc.status))
+        kind = _HTTP_KINDS.get(exc.status, INVALID_REQUEST)
         message = "request body too large" if exc.status == 413 else (exc.reason or "request failed")
         error = ApiError(kind, message)
         allow = exc.headers.get("Allow")  # a 405 must say which methods the route takes

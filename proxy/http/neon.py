@@ -41,8 +41,9 @@ from ..pg.encode import check_nesting
 from ..pg.pgtext import base_type, json_to_text, param_from_text, to_json, to_text
 from ..pg.statement import Result
 from . import handlers
+from . import plan as plans
 from .appkeys import ERROR_RENDERER, GATEWAY
-from .handlers import MAX_STATEMENTS, Plan, statement_parts
+from .plan import MAX_STATEMENTS, Plan, statement_parts
 
 RAW_TEXT = "Neon-Raw-Text-Output"
 ARRAY_MODE = "Neon-Array-Mode"
@@ -144,7 +145,7 @@ def plan(request: web.Request, body: Mapping[str, Any], limits: Limits) -> Plan:
         if _flag(request, DEFERRABLE):
             deferrable = True
             echo[DEFERRABLE] = "true"
-    options = dataclasses.replace(handlers.options(settings, limits), deferrable=deferrable)
+    options = dataclasses.replace(plans.options(settings, limits), deferrable=deferrable)
 
     def render(results: list[Result]) -> Any:
         out = [render_result(r, q.array_mode, raw_text) for r, q in zip(results, queries, strict=True)]

@@ -13,13 +13,13 @@ connection in its transaction for as long as it stalls.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from ..errors import CLIENT_CLOSED, ApiError
+from ..pg.classify import Context, Phase, classify
 from ..pg.encode import dumps
 from ..pg.statement import Result
 from .appkeys import REQUEST_ID, TRACE
@@ -52,7 +52,7 @@ class JsonRowStream:
         await self._write(b'{"columns":' + orjson.dumps([{"name": n, "type": t} for n, t in columns]) + b',"rows":[')
 
     async def rows(self, rows: list[Any]) -> bool:
-        items = [tuple(r) for r in rows] if self.row_format == "array" else [dict(r.items()) for r in rows]
+        items = shape_rows(rows, self.row_format)
         chunk = dumps(items)[1:-1]  # the rows without the enclosing brackets
         if not chunk:
             return True
@@ -87,14 +87,16 @@ class JsonRowStream:
 
     async def _send(self, sending: Awaitable[Any]) -> None:
         """Anything sent to the client.  A client that hung up, or that takes nothing for
-        ``write_timeout_s``, is ``client_closed_request``: as an OSError it would pass, on
-        its way out through pg/pool.py, for the database's connection failing (and a replica
-        serving this read would be taken out of rotation)."""
+        ``write_timeout_s``, is a failure of the stream phase (classify.py's hang-up)."""
         try:
             async with asyncio.timeout(self.write_timeout_s):
                 await sending
-        except TimeoutError:
-            raise ApiError(CLIENT_CLOSED, f"the client took no data for {self.write_timeout_s:g} s; "
-                           "cut off") from None
-        except ConnectionError:
-            raise ApiError(CLIENT_CLOSED, "the client closed the connection during the response") from None
+        except (TimeoutError, ConnectionError) as exc:
+            error = classify(exc, Context(Phase.STREAM, write_timeout_s=self.write_timeout_s)).error
+            assert error is not None
+            raise error from None
+
+
+def shape_rows(rows: Sequence[Any], row_format: str) -> list[Any]:
+    """Rows as the response carries them: arrays of values, or objects by column name."""
+    return [tuple(r) for r in rows] if row_format == "array" else [dict(r.items()) for r in rows]

@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from ._asyncpg import skip_jit_toggle
 from .encode import dumps
 from .pgtext import float4_shortest
 from .role import Finding, audit_role
@@ -33,7 +34,7 @@ class GatewayConnection(asyncpg.Connection):  # type: ignore[misc]
         if isinstance(transport, SplicingTransport):
             transport = transport._transport  # the gateway's own writes need no splicing
         super().__init__(protocol, transport, loop, *args, **kwargs)
-        self._server_caps = self._server_caps._replace(jit=False)  # type: ignore[has-type]
+        skip_jit_toggle(self)
         # True from the pipelined BEGIN until COMMIT or ROLLBACK: asyncpg's own idea of
         # the transaction status comes from the last ReadyForQuery, which can predate it.
         self.gateway_tx_open = False

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from ..config import DEFAULT_CLUSTER, ClusterConfig, Settings
 from ..errors import DATABASE_UNAVAILABLE, ApiError
 from ..observe.pools import PoolStats
-from .pool import Database
+from .pool import Pool
 
 log = logging.getLogger("tenant_proxy.routing")
 
@@ -35,8 +35,8 @@ def pool_name(cluster: str, replica: int | None) -> str:
 
 @dataclass
 class _Cluster:
-    primary: Database
-    replicas: list[Database]
+    primary: Pool
+    replicas: list[Pool]
     down_until: dict[str, float] = field(default_factory=dict)
     turn: int = 0
 
@@ -52,13 +52,13 @@ class Router:
     @staticmethod
     def _build(settings: Settings, cluster: ClusterConfig) -> _Cluster:
         guc = settings.tenancy.guc
-        primary = Database(dataclasses.replace(settings.database, dsn=cluster.dsn), guc,
+        primary = Pool(dataclasses.replace(settings.database, dsn=cluster.dsn), guc,
                            pool_name(cluster.name, None))
-        replicas = [Database(dataclasses.replace(settings.database, dsn=dsn, pgbouncer_admin_dsn=None), guc,
+        replicas = [Pool(dataclasses.replace(settings.database, dsn=dsn, pgbouncer_admin_dsn=None), guc,
                              pool_name(cluster.name, i)) for i, dsn in enumerate(cluster.replicas)]
         return _Cluster(primary=primary, replicas=replicas)
 
-    def databases(self) -> Iterator[Database]:
+    def databases(self) -> Iterator[Pool]:
         for c in self._clusters.values():
             yield c.primary
             yield from c.replicas
@@ -67,7 +67,7 @@ class Router:
         """Each pool's name and size: the budget of its fair queue (policy/admission.py)."""
         return [(db.name, db.cfg.pool_max_size) for db in self.databases()]
 
-    def suits(self, db: Database, cluster: str, read_only: bool, consistency: str | None) -> bool:
+    def suits(self, db: Pool, cluster: str, read_only: bool, consistency: str | None) -> bool:
         """Whether ``db`` may run such a request of a tenant on ``cluster``."""
         c = self._clusters.get(cluster)
         if c is None:
@@ -76,7 +76,7 @@ class Router:
             return db is c.primary
         return db is c.primary or db in c.replicas
 
-    def choose(self, cluster: str, read_only: bool, consistency: str | None) -> Database:
+    def choose(self, cluster: str, read_only: bool, consistency: str | None) -> Pool:
         """The pool a request goes to: a replica of its cluster for reads that allow one."""
         if not read_only or consistency == "primary":
             return self.primary(cluster)
@@ -105,10 +105,10 @@ class Router:
                            "which this gateway instance is not configured for")
         return c
 
-    def primary(self, cluster: str = DEFAULT_CLUSTER) -> Database:
+    def primary(self, cluster: str = DEFAULT_CLUSTER) -> Pool:
         return self._cluster(cluster).primary
 
-    def for_read(self, cluster: str) -> Database:
+    def for_read(self, cluster: str) -> Pool:
         """The next healthy replica of the cluster, or its primary when none is."""
         c = self._cluster(cluster)
         now = time.monotonic()
@@ -119,14 +119,14 @@ class Router:
                 return replica
         return c.primary
 
-    def mark_down(self, db: Database) -> None:
+    def mark_down(self, db: Pool) -> None:
         for c in self._clusters.values():
             if db in c.replicas:
                 if c.down_until.get(db.name, 0.0) <= time.monotonic():
                     log.warning("replica %s taken out of rotation", db.name)
                 c.down_until[db.name] = time.monotonic() + REPLICA_RETRY_S
 
-    def is_replica(self, db: Database) -> bool:
+    def is_replica(self, db: Pool) -> bool:
         return any(db in c.replicas for c in self._clusters.values())
 
     async def _check_replicas(self) -> None:

@@ -4,7 +4,7 @@
 a row limit (one more row than wanted, to detect truncation), reading a large result on
 in batches into a ``RowSink``.  ``pipelined``: the gateway's own parameterless statements
 (``BEGIN``, ``SET LOCAL``; the pool wall and ``COMMIT``) as raw messages to write in front
-of it, or in front of its Sync.  The transaction around them is pool.py's.
+of it, or in front of its Sync.  The transaction around them is transaction.py's.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Any, Protocol
 import asyncpg
 import orjson
 
+from . import _asyncpg
+from .classify import UndecodableValue
 from .encode import convert_params, type_label
 
 
@@ -55,18 +57,6 @@ class RowSink(Protocol):
         """Take a batch; False stops the stream (the response is as large as allowed)."""
 
 
-class UndecodableValue(Exception):
-    """The driver could not turn a value of the result into a Python one (a date past
-    9999 or before 1 AD, a time of 24:00, a ROW(...) element it has no decoder for)."""
-
-
-def _undecodable(exc: ValueError | OverflowError) -> BaseException:
-    """For a protocol call that reads rows: a value the driver's decoders refuse is
-    ``UndecodableValue``, not an error that passes for a bug of the gateway's (the
-    driver's own errors, a parameter it could not encode among them, stay as they are)."""
-    return exc if isinstance(exc, asyncpg.InterfaceError) else UndecodableValue(str(exc))
-
-
 # Extended-protocol messages for one parameterless statement, unnamed statement and portal:
 # Parse (no parameter types), Bind (no parameters, default result format), Execute (all rows).
 _BIND_EXECUTE = (b"B" + struct.pack("!i", 4 + 2 + 6) + b"\0\0" + b"\0\0" * 3
@@ -95,76 +85,55 @@ def may_stream(st: Statement, max_rows: int, threshold: int) -> bool:
     return max_rows > threshold and (st.row_bound is None or st.row_bound > threshold)
 
 
-async def _prepare(conn: asyncpg.Connection, sql: str, timeout: float) -> Any:
-    """Parse+Describe ``sql`` as the unnamed statement; asyncpg's statement state for it.
-
-    ``Connection.prepare`` with the statement cache off marks an unnamed statement
-    "unprepared", so that its execution sends the Parse again (for poolers that move a
-    client between backends outside a transaction).  The gateway's statements run inside
-    its own transaction, on one backend, and nothing is parsed between this Describe and
-    the Bind that follows it: the second Parse would only make PostgreSQL parse and
-    analyse the statement twice.  A statement whose types asyncpg must first look up
-    (its introspection query replaces the unnamed statement) takes asyncpg's own path."""
-    protocol = conn._protocol
-    state = await protocol.prepare("", sql, timeout, record_class=protocol.get_record_class())
-    if state._init_types():
-        return (await conn.prepare(sql, timeout=timeout))._state
-    state._init_codecs()
-    return state
-
-
 async def run_statement(conn: asyncpg.Connection, st: Statement, timeout: float, max_rows: int,
                         sink: RowSink | None = None, commit: bytes | None = None) -> Result:
-    """``commit``: messages that end the transaction (pool.py's pool wall and COMMIT).  For a
+    """``commit``: messages that end the transaction (transaction.py's pool wall and COMMIT).  For a
     statement that returns rows and does not stream, they go in front of its Sync, so the
     transaction ends in the same round trip (``Result.committed``); an error in them
     raises as the statement's.  Its own command tag is lost to the COMMIT's then, but a
     statement that returns rows is counted by its rows.  Otherwise they are not sent.
-    pool.py passes them only for READ ONLY transactions (a failure after they were
+    transaction.py passes them only for READ ONLY transactions (a failure after they were
     sent leaves the outcome unknown, which must not matter)."""
-    state = await _prepare(conn, st.sql, timeout)
-    params = (st.convert or convert_params)(st.params, [_describe(t) for t in state._get_parameters()])
-    attributes = state._get_attributes()
+    state = await _asyncpg.prepare_unnamed(conn, st.sql, timeout)
+    params = (st.convert or convert_params)(st.params, [_describe(t) for t in _asyncpg.parameter_types(state)])
+    attributes = _asyncpg.result_attributes(state)
     columns = [(a.name, type_label(*_describe(a.type))) for a in attributes]
     meter = getattr(conn, "gateway_writer", None)  # wire.SplicingTransport: splices writes, meters reads
     _limit_per_element_reads(meter, attributes)
     oids = [a.type.oid for a in attributes]
-    # A result that may be larger than the sink's threshold is read through a named portal
-    # that can be read on.
-    streaming = sink is not None and bool(columns) and may_stream(st, max_rows, sink.threshold)
+    # The caller passes a sink only for a result that may be larger than its threshold
+    # (``may_stream``): such a result is read through a named portal, in batches.
+    streaming = sink is not None and bool(columns)
     # One Bind+Execute round trip with a row limit (one more than wanted, to detect
-    # truncation) keeps a large result on the server.  When the result may stream, the
-    # portal is named so that it can be read on in batches.  asyncpg offers this only
-    # through its protocol object (what its own cursors use).
-    protocol = conn._protocol
-    portal = conn._get_unique_id("portal") if streaming else ""
+    # truncation) keeps a large result on the server.
+    portal = _asyncpg.portal_name(conn) if streaming else ""
     first = sink.threshold + 1 if streaming and sink is not None else max_rows + 1
     writer = meter if commit is not None and columns and not streaming else None
     committed = False
     try:
         if writer is None:
-            rows, status, done = await protocol.bind_execute(state, params, portal, first, True, timeout)
+            rows, status, done = await _asyncpg.bind_execute(conn, state, params, portal, first, timeout)
         else:
             writer.before_sync = commit
             try:
-                rows, status, done = await protocol.bind_execute(state, params, portal, first, True, timeout)
+                rows, status, done = await _asyncpg.bind_execute(conn, state, params, portal, first, timeout)
             finally:
                 sent = writer.before_sync is None
                 writer.before_sync = None
-            # The last CommandComplete is the COMMIT's (anything else: pool.py finds the
+            # The last CommandComplete is the COMMIT's (anything else: transaction.py finds the
             # transaction ended without its COMMIT, and refuses the result).
             committed = sent and status == b"COMMIT"
     except (ValueError, OverflowError) as exc:  # UnicodeDecodeError is a ValueError
-        raise _undecodable(exc) from None
+        raise UndecodableValue(exc) from None
     if streaming and sink is not None and len(rows) > sink.threshold:
-        return await _streamed(protocol, state, portal, rows, st, columns, oids, timeout, max_rows, sink, meter)
+        return await _streamed(conn, state, portal, rows, st, columns, oids, timeout, max_rows, sink, meter)
     truncated = len(rows) > max_rows
     if truncated:
         del rows[max_rows:]
-    status = status.decode() if status and not committed else ""  # a committed one's is the COMMIT's
-    if status and done:
-        tag, _, count = status.rpartition(" ")
-        command = tag.split(" ")[0] if tag else status
+    text = status.decode() if status and not committed else ""  # a committed one's is the COMMIT's
+    if text and done:
+        tag, _, count = text.rpartition(" ")
+        command = tag.split(" ")[0] if tag else text
         row_count = int(count) if count.isdigit() and not columns else len(rows)
     else:
         command, row_count = st.command, len(rows)
@@ -187,7 +156,7 @@ def _limit_per_element_reads(meter: Any, attributes: Sequence[Any]) -> None:
         meter.per_element = True
 
 
-async def _streamed(protocol: Any, state: Any, portal: str, rows: list[asyncpg.Record], st: Statement,
+async def _streamed(conn: asyncpg.Connection, state: Any, portal: str, rows: list[asyncpg.Record], st: Statement,
                     columns: list[tuple[str, str]], oids: list[int], timeout: float, max_rows: int,
                     sink: RowSink, meter: Any) -> Result:
     """Past ``sink.threshold`` rows, hand the result to the sink batch by batch, reading
@@ -213,9 +182,9 @@ async def _streamed(protocol: Any, state: Any, portal: str, rows: list[asyncpg.R
             meter.read_used = 0
             want = max(1, min(want, meter.read_limit // 4 // row_bytes))
         try:
-            rows, _, done = await protocol.execute(state, portal, want, True, timeout)
+            rows, _, done = await _asyncpg.execute_portal(conn, state, portal, want, timeout)
         except (ValueError, OverflowError) as exc:
-            raise _undecodable(exc) from None
+            raise UndecodableValue(exc) from None
         if sent == max_rows:
             truncated = bool(rows)
             break

@@ -4,8 +4,9 @@ messages into what asyncpg sends (pool.py's transaction prefix and pipelined COM
 asyncpg writes Bind+Execute+Sync as one piece and offers no hook in between; the pool's
 ``connect`` (``connect`` here) makes each connection through ``ConnectVia``, which hands
 asyncpg's protocol a ``SplicingTransport`` instead of the loop's transport.  Relies on
-asyncpg 0.32 creating its connection through ``loop.create_connection`` /
-``create_unix_connection`` / ``start_tls`` of the loop it is given: re-check on upgrade.
+asyncpg creating its connection through ``loop.create_connection`` /
+``create_unix_connection`` / ``start_tls`` of the loop it is given (_asyncpg.py and its
+contract test cover this).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
+
+from ._asyncpg import is_protocol
 
 _SYNC = b"S\0\0\0\4"
 
@@ -73,10 +76,10 @@ class _Meter(asyncio.Protocol):
     """Between the transport and asyncpg's protocol: counts what arrives against the
     ``SplicingTransport``'s ``read_limit``, and passes everything on."""
 
-    __slots__ = ("_protocol", "_writer")
+    __slots__ = ("_inner", "_writer")
 
     def __init__(self, protocol: Any, writer: SplicingTransport) -> None:
-        self._protocol = protocol
+        self._inner = protocol
         self._writer = writer
 
     def data_received(self, data: Any) -> None:
@@ -87,22 +90,22 @@ class _Meter(asyncio.Protocol):
                 writer.overread = True
                 writer._transport.abort()  # asyncpg's protocol hears connection_lost
                 return
-        self._protocol.data_received(data)
+        self._inner.data_received(data)
 
     def connection_made(self, transport: Any) -> None:
-        self._protocol.connection_made(transport)
+        self._inner.connection_made(transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._protocol.connection_lost(exc)
+        self._inner.connection_lost(exc)
 
     def eof_received(self) -> Any:
-        return self._protocol.eof_received()
+        return self._inner.eof_received()
 
     def pause_writing(self) -> None:
-        self._protocol.pause_writing()
+        self._inner.pause_writing()
 
     def resume_writing(self) -> None:
-        self._protocol.resume_writing()
+        self._inner.resume_writing()
 
 
 class _Adopt(asyncio.Protocol):
@@ -156,7 +159,7 @@ class ConnectVia:
 
         def make() -> Any:
             protocol = factory()
-            if isinstance(protocol, asyncpg.protocol.Protocol):
+            if is_protocol(protocol):
                 adopted.append(_Adopt(protocol))
                 return adopted[-1]
             return protocol

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TenancyConfig
-from ..pg.pool import DATABASE_ERRORS
+from ..pg.classify import DATABASE_ERRORS
 from .tenant_data import (
     LifecycleError,
     Manifest,

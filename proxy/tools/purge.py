@@ -13,7 +13,7 @@ import contextlib
 from typing import Any
 
 from ..config import TenancyConfig
-from ..pg.pool import DATABASE_ERRORS
+from ..pg.classify import DATABASE_ERRORS
 from .tenant_data import LifecycleError, begin_tenant_tx, row_counts, tenant_tables
 
 

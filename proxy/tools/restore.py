@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TenancyConfig, canonical_tenant_id
-from ..pg.pool import DATABASE_ERRORS
+from ..pg.classify import DATABASE_ERRORS
 from .tenant_data import (
     LifecycleError,
     Manifest,

@@ -225,7 +225,7 @@ async def test_a_key_of_another_tenants_row_is_no_conflict(api: Api, admin_db: a
 
 async def test_sql_errors(api: Api) -> None:
     r = await api.query("SELECT * FROM no_such_table")
-    assert r.status == 400 and r.code == "sql_error" and r.body["error"]["sqlstate"] == "42P01"
+    assert r.status == 400 and r.code == "sql_invalid" and r.body["error"]["sqlstate"] == "42P01"
     r = await api.query("SELECT 1/0")
     assert r.status == 422 and r.code == "sql_error" and r.body["error"]["sqlstate"] == "22012"
 

@@ -80,7 +80,7 @@ async def test_data_responses_match_the_document(api: Api) -> None:
     cases: list[tuple[str, dict[str, Any], int, str]] = [
         (q, {"json": {"sql": "SELECT 1", "nope": 1}}, 400, "invalid_request"),
         (q, {"json": {"sql": "SET app.tenant_id = 'x'"}}, 400, "statement_rejected"),
-        (q, {"json": {"sql": "SELECT * FROM no_such_table"}}, 400, "sql_error"),
+        (q, {"json": {"sql": "SELECT * FROM no_such_table"}}, 400, "sql_invalid"),
         (q, {"json": {"sql": "SELECT 1"}, "key": KEY_ANY}, 400, "tenant_required"),
         (q, {"json": {"sql": "SELECT 1"}, "key": "wrong"}, 401, "unauthenticated"),
         (q, {"json": {"sql": "SELECT 1"}, "tenant": TENANT_B}, 403, "tenant_forbidden"),

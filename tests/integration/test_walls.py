@@ -16,9 +16,14 @@ import yaml
 from proxy.errors import ApiError
 from proxy.http.app import start_gateway
 from proxy.observe.trace import RequestTrace
+from proxy.pg._asyncpg import pool_has_connected_idle as _connected_holder_free
+from proxy.pg._asyncpg import prepare_unnamed as _prepare
+from proxy.pg._asyncpg import release as _release
+from proxy.pg._asyncpg import releases_at_once as _releases_at_once
 from proxy.pg.connection import RoleCanBypassRls
-from proxy.pg.pool import Database, TxRequest, _connected_holder_free, _release, _releases_at_once
-from proxy.pg.statement import Statement, _prepare, pipelined
+from proxy.pg.pool import Pool as Database
+from proxy.pg.statement import Statement, pipelined
+from proxy.pg.transaction import TxRequest
 
 from ..fix_gateway import KEY_A, KEY_B, TENANT_A, TENANT_B, base_config, make_settings, merge
 from ..fix_stack import Stack, stack_of, temporary_stack

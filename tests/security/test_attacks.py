@@ -30,7 +30,7 @@ RLS = frozenset({(403, "rls_violation")})
 # Either wall may stop it: the guard, or the database's grants/RLS behind it.
 BLOCKED = GUARD | RLS
 # Quoting that changes the name: the database finds no such function or relation.
-NO_SUCH = GUARD | frozenset({(400, "sql_error")})
+NO_SUCH = GUARD | frozenset({(400, "sql_invalid")})
 FORBIDDEN = frozenset({(403, "tenant_forbidden")})
 BAD_REQUEST = frozenset({(400, "invalid_request")})
 
@@ -490,7 +490,7 @@ FOREIGN_WRITES = [
                                     f"VALUES ('<B1_ID>', '{A}', 'x', '{{}}', '<B1_AT>') "
                                     "ON CONFLICT (id, created_at) DO UPDATE SET event_type = 'pwned'",
         # every unique key of events starts with tenant_id: there is none to aim at B's row
-        frozenset({(400, "sql_error")})),
+        frozenset({(400, "sql_invalid")})),
     atk("merge-move-own-row-to-b", "MERGE INTO events e USING (SELECT 'a-1' AS t) s ON e.event_type = s.t "
                                    f"WHEN MATCHED THEN UPDATE SET tenant_id = '{B}'", GUARD),
     atk("merge-insert-b", "MERGE INTO events e USING (SELECT 'nope' AS t) s ON e.event_type = s.t "

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from proxy.config import MetricsConfig
 from proxy.observe.metrics import Metrics
+from proxy.observe.pools import PoolStats
 from proxy.observe.trace import RequestTrace
-from proxy.pg.pool import PoolStats
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 

@@ -24,12 +24,13 @@ from proxy.errors import (
     CONCURRENCY_LIMITED,
     PAYLOAD_TOO_LARGE,
     RATE_LIMITED,
-    SQL_ERROR_DATA,
+    SQL_ERROR,
     TENANT_FORBIDDEN,
     UNAUTHENTICATED,
     ApiError,
 )
-from proxy.http import handlers, neon
+from proxy.http import neon
+from proxy.http import plan as handlers
 from proxy.pg.pgtext import json_to_text, param_from_text, parse_array, to_json, to_text
 from proxy.policy import jwks
 from proxy.policy.auth import Authenticator, UnknownKeyId
@@ -126,7 +127,7 @@ def test_neon_bodies() -> None:
 
 @pytest.mark.parametrize(("error", "status"), [
     (ApiError(UNAUTHENTICATED, "no"), 400), (ApiError(TENANT_FORBIDDEN, "no"), 400),
-    (ApiError(SQL_ERROR_DATA, "division by zero", sqlstate="22012"), 400), (ApiError(PAYLOAD_TOO_LARGE, "big"), 413),
+    (ApiError(SQL_ERROR, "division by zero", sqlstate="22012"), 400), (ApiError(PAYLOAD_TOO_LARGE, "big"), 413),
     (ApiError(RATE_LIMITED, "slow down", retry_after_s=2), 429),
     (ApiError(CONCURRENCY_LIMITED, "busy", retry_after_s=1), 503),
 ])

@@ -66,7 +66,7 @@ def test_sqlstate_table() -> None:
     cases = {
         "42501": ("rls_violation", 403), "23505": ("conflict", 409), "23503": ("conflict", 409),
         "57014": ("statement_timeout", 504), "40001": ("serialization_failure", 409),
-        "40P01": ("deadlock_detected", 409), "42P01": ("sql_error", 400), "22012": ("sql_error", 422),
+        "40P01": ("deadlock_detected", 409), "42P01": ("sql_invalid", 400), "22012": ("sql_error", 422),
         "23502": ("sql_error", 422), "08006": ("database_unavailable", 503), "57P01": ("database_unavailable", 503),
         "XX000": ("sql_error", 422), "58030": ("internal", 500), "ZZ999": ("sql_error", 422),
         "53400": ("sql_error", 422), "53300": ("database_unavailable", 503),

@@ -8,7 +8,7 @@ import pytest
 
 from proxy.config import Limits
 from proxy.errors import ApiError
-from proxy.pg.pool import PoolStats
+from proxy.observe.pools import PoolStats
 from proxy.policy.limits import Scheduler, pool_report
 from proxy.policy.rates import LocalBuckets, RateLimiter
 
