@@ -73,14 +73,22 @@ class Overread(Exception):
         self.max_bytes = max_bytes
 
 
+class Fate(enum.Enum):
+    """What becomes of the connection a transaction failed on."""
+
+    KEEP = "keep"                    # rolled back, and reused
+    CLOSE = "close"                  # terminated: its protocol or transaction state is unknown
+    ROLL_BACK_AND_CLOSE = "rollback"  # rolled back (so PgBouncer keeps its backend clean), then closed
+
+
 @dataclass(frozen=True, slots=True)
 class Failure:
     """What became of a transaction: the error to answer with (None: an unexpected
-    failure, re-raised as it is: a 500, with its traceback in the log), and whether the
-    connection must be closed for good (otherwise it is rolled back and kept)."""
+    failure, re-raised as it is: a 500, with its traceback in the log), and the fate of
+    its connection."""
 
     error: ApiError | None
-    terminate: bool
+    fate: Fate
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,55 +105,58 @@ class Context:
 def classify(exc: BaseException, ctx: Context) -> Failure:
     """``exc``, raised in ``ctx.phase``, as an API error and a fate for the connection."""
     if isinstance(exc, ApiError):
-        return Failure(exc, terminate=False)
+        return Failure(exc, fate=Fate.KEEP)
     if isinstance(exc, Overread):
-        return Failure(_overread(exc), terminate=True)
+        return Failure(_overread(exc), fate=Fate.CLOSE)
     if ctx.phase is Phase.ACQUIRE:
         return _acquire(exc)
     if ctx.phase is Phase.STREAM and isinstance(exc, (TimeoutError, ConnectionError)):
-        return Failure(_hang_up(exc, ctx.write_timeout_s), terminate=False)
+        return Failure(_hang_up(exc, ctx.write_timeout_s), fate=Fate.KEEP)
     if isinstance(exc, asyncpg.PostgresError):
         return _server_error(exc, ctx)
     if isinstance(exc, TimeoutError):
-        return Failure(_timeout(ctx), terminate=True)
+        return Failure(_timeout(ctx), fate=Fate.CLOSE)
     if isinstance(exc, (asyncpg.UnsupportedClientFeatureError, asyncpg.InternalClientError)):
         return _driver_error(exc, ctx)
     if isinstance(exc, UndecodableValue):
         if isinstance(exc.cause, asyncpg.InterfaceError):
             return classify(exc.cause, ctx)
         return Failure(ApiError(SQL_ERROR, f"the result holds a value the gateway cannot return ({exc}); "
-                                "cast it to text"), terminate=True)
+                                "cast it to text"), fate=Fate.CLOSE)
     if isinstance(exc, CONNECTION_ERRORS):
-        return Failure(_outcome_unknown() if ctx.phase is Phase.COMMIT else _unavailable(exc), terminate=True)
-    return Failure(None, terminate=True)
+        return Failure(_outcome_unknown() if ctx.phase is Phase.COMMIT else _unavailable(exc), fate=Fate.CLOSE)
+    return Failure(None, fate=Fate.CLOSE)
 
 
 def _acquire(exc: BaseException) -> Failure:
     if isinstance(exc, TimeoutError):
         return Failure(ApiError(POOL_TIMEOUT, "no database connection became free in time", retry_after_s=1),
-                       terminate=False)
+                       fate=Fate.KEEP)
     if isinstance(exc, DATABASE_ERRORS):
-        return Failure(_unavailable(exc), terminate=False)
-    return Failure(None, terminate=False)
+        return Failure(_unavailable(exc), fate=Fate.KEEP)
+    return Failure(None, fate=Fate.KEEP)
 
 
 def _server_error(exc: asyncpg.PostgresError, ctx: Context) -> Failure:
     state = exc.sqlstate or ""
     message = getattr(exc, "message", None) or ""
     if ctx.phase is Phase.COMMIT and (state.startswith("08") or server_gone(state)):
-        return Failure(_outcome_unknown(), terminate=True)
+        return Failure(_outcome_unknown(), fate=Fate.CLOSE)
     if state == "22P02" and WALL_MARK in message:
-        return Failure(ApiError(STATEMENT_REJECTED, "the statement changed the tenant setting"), terminate=True)
+        # Rolled back first: the backend PgBouncer gives the next client is then clean
+        # (a session-level change in the aborted transaction is undone with it).
+        return Failure(ApiError(STATEMENT_REJECTED, "the statement changed the tenant setting"),
+                       fate=Fate.ROLL_BACK_AND_CLOSE)
     if state == "08P01" and not ctx.connection_closed:
         # The server refused a message about this statement (a parameter its receive
         # function cannot read), the connection is fine: not the database being down,
         # which would take a replica out of rotation for every tenant.
         return Failure(ApiError(SQL_ERROR, f"the database could not read a parameter: {message or exc}",
-                                sqlstate="08P01"), terminate=False)
+                                sqlstate="08P01"), fate=Fate.KEEP)
     if type(exc) is asyncpg.DataError:
         # asyncpg's own (the server's data errors are subclasses): a parameter its codec refused
-        return Failure(ApiError(INVALID_REQUEST, f"invalid parameter: {exc}"), terminate=False)
-    return Failure(from_sqlstate(exc.sqlstate, message or "database error"), terminate=False)
+        return Failure(ApiError(INVALID_REQUEST, f"invalid parameter: {exc}"), fate=Fate.KEEP)
+    return Failure(from_sqlstate(exc.sqlstate, message or "database error"), fate=Fate.KEEP)
 
 
 def _timeout(ctx: Context) -> ApiError:
@@ -163,17 +174,17 @@ def _driver_error(exc: asyncpg.UnsupportedClientFeatureError | asyncpg.InternalC
     if what == "unhandled_type":
         return Failure(ApiError(SQL_ERROR, "a parameter's or column's type cannot be handled as such; pass "
                                 "text and cast it in the statement ($1::text::the_type), or select it ::text"),
-                       terminate=False)
+                       fate=Fate.KEEP)
     # From here the connection's protocol state is unknown.
     if what == "protocol_broken" or ctx.connection_closed:
-        return Failure(_outcome_unknown() if ctx.phase is Phase.COMMIT else _unavailable(exc), terminate=True)
+        return Failure(_outcome_unknown() if ctx.phase is Phase.COMMIT else _unavailable(exc), fate=Fate.CLOSE)
     if what == "outdated_schema":
         return Failure(ApiError(SQL_ERROR, "a type the statement uses was altered meanwhile; send it again"),
-                       terminate=True)
+                       fate=Fate.CLOSE)
     if what == "unexpected":
-        return Failure(None, terminate=True)
+        return Failure(None, fate=Fate.CLOSE)
     return Failure(ApiError(SQL_ERROR, "the result holds a value of a type the gateway cannot return; "
-                            "select its fields instead, or cast it to text"), terminate=True)
+                            "select its fields instead, or cast it to text"), fate=Fate.CLOSE)
 
 
 def _hang_up(exc: BaseException, write_timeout_s: float) -> ApiError:

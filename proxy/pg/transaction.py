@@ -32,7 +32,7 @@ import asyncpg
 from ..errors import SQL_ERROR, STATEMENT_REJECTED, ApiError
 from ..policy import idempotency
 from . import _asyncpg
-from .classify import CONNECTION_ERRORS, WALL_MARK, Context, Overread, Phase, classify
+from .classify import CONNECTION_ERRORS, WALL_MARK, Context, Fate, Overread, Phase, classify
 from .statement import ELEMENT_READ_BYTES, Result, RowSink, Statement, cap_bytes, pipelined, run_statement
 from .wire import SplicingTransport
 
@@ -165,10 +165,10 @@ async def run_tenant_tx(conn: asyncpg.Connection, writer: SplicingTransport | No
         if writer is not None and writer.overread:  # whatever the driver was doing when the meter cut it
             failed = Overread(ELEMENT_READ_BYTES if writer.per_element else 0, tx.max_bytes)
         failure = classify(failed, Context(phase, conn.is_closed(), tx.deadline_s, deadline.expired()))
-        if failure.terminate:
-            terminate(conn)
-        else:
+        if failure.fate is not Fate.CLOSE:
             await _rollback(conn)
+        if failure.fate is not Fate.KEEP:
+            terminate(conn)
         if failure.error is None:
             raise
         raise failure.error from None
