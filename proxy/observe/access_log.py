@@ -1,9 +1,9 @@
 """The access log: one JSON line per request, formatted and written off the event loop.
 
-A request's line used to be built and written on the event loop: a LogRecord, the
-handler's lock, the JSON and a write plus flush (one system call) per request, about
-13 % of the gateway's throughput.  Now the event loop only appends the request's figures
-(a tuple) to a queue; a thread wakes every ``FLUSH_S`` (sooner when the queue is long),
+Building and writing a line on the event loop (a LogRecord, the handler's lock, the
+JSON and a write plus flush, one system call, per request) cost about 13 % of the
+gateway's throughput.  So the event loop only appends the request's figures (a tuple)
+to a queue; a thread wakes every ``FLUSH_S`` (sooner when the queue is long),
 formats the lines and writes them in batches.  Every line is kept, in request order;
 :meth:`AccessLog.close` (the gateway's graceful stop) writes what is left.
 

@@ -77,18 +77,17 @@ async def init_connection(conn: asyncpg.Connection) -> None:
     # Intervals keep months and days apart as PostgreSQL's own text.
     await conn.set_type_codec("interval", schema="pg_catalog", encoder=str, decoder=str, format="text")
     # An anonymous ROW(...) as PostgreSQL's own text, ``(1,"a b",)``: asyncpg decodes one
-    # in binary, element by element, and hands an element of a type it reads as text
-    # (interval above, money, tsvector, regtype, macaddr, ...) the binary bytes, which
-    # came out as garbage with a 200.  Named composite types still come out as objects.
+    # in binary, element by element, and would hand an element of a type it reads as text
+    # (interval above, money, tsvector, regtype, macaddr, ...) the binary bytes.  Named
+    # composite types still come out as objects.
     await conn.set_type_codec("record", schema="pg_catalog", encoder=str, decoder=str, format="text")
     # Types asyncpg decodes to something PostgreSQL does not print (an LSN as an integer,
     # a snapshot as a tuple): PostgreSQL's text, both ways.  ("char" too, as bytes, but
     # asyncpg's set_type_codec takes the name "char" for bpchar.)
     # Bit strings and geometric types as PostgreSQL's text too: asyncpg builds them bit by
-    # bit and point by point in Python, so one large value held the event loop for seconds
-    # after its transaction had ended (issue 18, round three).
-    # Network addresses likewise: asyncpg builds an ipaddress object per value (8 us each:
-    # an array of a million froze the loop 8 s, round four).
+    # bit and point by point in Python, so one large value would hold the event loop (that
+    # every tenant shares) for seconds.  Network addresses likewise: asyncpg builds an
+    # ipaddress object per value (8 us each: an array of a million would take 8 s).
     for name in ("pg_lsn", "txid_snapshot", "pg_snapshot", "bit", "varbit", "point", "line", "lseg", "box",
                  "path", "polygon", "circle", "inet", "cidr", "macaddr", "macaddr8"):
         await conn.set_type_codec(name, schema="pg_catalog", encoder=str, decoder=str, format="text")

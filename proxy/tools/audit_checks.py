@@ -1,8 +1,9 @@
-"""The audit's checks of issue 18: unique keys without the tenant column, policies that read
-the tenant through a function, the role's resource limits, and the activity functions.
+"""The audit's checks of what RLS alone does not cover: unique keys without the tenant
+column, policies that read the tenant through a function, the role's resource limits,
+and the activity functions.
 
-Kept apart from audit.py (the walls of the first round) so that each stays readable; the
-findings are audit.py's ``Finding``.
+Kept apart from audit.py (the three walls) so that each stays readable; the findings are
+pg/role.py's ``Finding``.
 """
 
 from __future__ import annotations

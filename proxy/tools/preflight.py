@@ -1,7 +1,7 @@
 """Before an online move creates anything: can the source publish the tenant's rows, and
 can the target subscribe to them?  Every problem is named with how to fix it.
 
-Checked (issue 20): the source's settings (``wal_level = logical``, free replication slots
+Checked: the source's settings (``wal_level = logical``, free replication slots
 and WAL senders), the target's (logical replication workers), the admin roles (a
 publication FOR TABLE needs the tables' owner or a superuser; a subscription in
 PostgreSQL 15 needs a superuser), every tenant table's replica identity (a row filter on
