@@ -24,7 +24,7 @@ Why the gateway goes below asyncpg's public API at all:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import asyncpg
@@ -146,19 +146,20 @@ def portal_name(conn: asyncpg.Connection) -> str:
     return name
 
 
-async def bind_execute(conn: asyncpg.Connection, state: Any, params: Sequence[Any], portal: str, limit: int,
-                       timeout: float) -> tuple[Rows, bytes | None, bool]:
+def bind_execute(conn: asyncpg.Connection, state: Any, params: Sequence[Any], portal: str, limit: int,
+                 timeout: float) -> Awaitable[tuple[Rows, bytes | None, bool]]:
     """Bind+Execute(limit)+Sync in one write: the rows, the command tag (None while the
-    portal has more rows) and whether the portal is done (``Protocol.bind_execute``)."""
-    result: tuple[Rows, bytes | None, bool] = await conn._protocol.bind_execute(
+    portal has more rows) and whether the portal is done (``Protocol.bind_execute``).
+    The protocol's own awaitable, not a coroutine around it: this is once per statement."""
+    result: Awaitable[tuple[Rows, bytes | None, bool]] = conn._protocol.bind_execute(
         state, params, portal, limit, True, timeout)
     return result
 
 
-async def execute_portal(conn: asyncpg.Connection, state: Any, portal: str, limit: int,
-                         timeout: float) -> tuple[Rows, bytes | None, bool]:
+def execute_portal(conn: asyncpg.Connection, state: Any, portal: str, limit: int,
+                   timeout: float) -> Awaitable[tuple[Rows, bytes | None, bool]]:
     """Read ``limit`` more rows of an open portal (``Protocol.execute``)."""
-    result: tuple[Rows, bytes | None, bool] = await conn._protocol.execute(state, portal, limit, True, timeout)
+    result: Awaitable[tuple[Rows, bytes | None, bool]] = conn._protocol.execute(state, portal, limit, True, timeout)
     return result
 
 

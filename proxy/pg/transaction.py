@@ -132,10 +132,13 @@ async def run_tenant_tx(conn: asyncpg.Connection, writer: SplicingTransport | No
     deadline = asyncio.timeout(tx.deadline_s + _DEADLINE_MARGIN_S if tx.deadline_s else None)
     phase = Phase.STATEMENTS
     try:
-        replay = await _begin(conn, writer, tx, sql, timeout)
-        if replay is not None:
-            await _rollback(conn)
-            return Outcome(results=[], replay=replay)
+        if tx.claim is None and tx.statements:  # the usual case: nothing to wait for
+            _open_ahead(conn, writer, sql)
+        else:
+            replay = await _begin(conn, writer, tx, sql, timeout)
+            if replay is not None:
+                await _rollback(conn)
+                return Outcome(results=[], replay=replay)
         async with deadline:
             results = await _statements(conn, tx, sql, timeout)
         if writer is not None:
@@ -183,14 +186,16 @@ async def _begin(conn: asyncpg.Connection, writer: SplicingTransport | None, tx:
     an identical request was answered already)."""
     if tx.claim is None and not tx.statements:
         await conn.execute(sql.prefix, timeout=timeout)
-    else:
-        # The first thing that follows is always a Parse+Describe (asyncpg's prepare); the
-        # prefix travels in front of it in the same round trip (and send).
-        _send_ahead(conn, writer, sql.prefix_messages)
-        conn.set_gateway_tx_open(True)
-    if tx.claim is None:
         return None
-    return await _claim(conn, writer, tx.claim, timeout)
+    _open_ahead(conn, writer, sql)
+    return None if tx.claim is None else await _claim(conn, writer, tx.claim, timeout)
+
+
+def _open_ahead(conn: asyncpg.Connection, writer: SplicingTransport | None, sql: _TxSql) -> None:
+    """The prefix, to travel in front of what follows, which is always a Parse+Describe
+    (asyncpg's prepare): in the same round trip (and send)."""
+    _send_ahead(conn, writer, sql.prefix_messages)
+    conn.set_gateway_tx_open(True)
 
 
 async def _statements(conn: asyncpg.Connection, tx: TxRequest, sql: _TxSql, timeout: float) -> list[Result]:
