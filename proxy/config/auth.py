@@ -6,13 +6,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import ANY_TENANT, JWT_ALGORITHMS, SHA256_RE, AdminToken, ApiKey, JwtConfig, canonical_tenant_id
+from .model import ANY_TENANT, JWT_ALGORITHMS, SHA256_RE, AdminToken, ApiKey, JwtConfig, canonical_tenant_id
 
 if TYPE_CHECKING:
-    from .parse import _Reader
+    from .reader import Reader
 
 
-def api_keys(r: _Reader, raw: Any, id_format: str) -> tuple[ApiKey, ...]:
+def api_keys(r: Reader, raw: Any, id_format: str) -> tuple[ApiKey, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
@@ -42,7 +42,7 @@ def api_keys(r: _Reader, raw: Any, id_format: str) -> tuple[ApiKey, ...]:
     return tuple(keys)
 
 
-def admin_tokens(r: _Reader, raw: Any) -> tuple[AdminToken, ...]:
+def admin_tokens(r: Reader, raw: Any) -> tuple[AdminToken, ...]:
     """`admin.tokens`: bearer tokens for /admin/*, each a name and the token's SHA-256."""
     if raw is None:
         return ()
@@ -66,7 +66,7 @@ def admin_tokens(r: _Reader, raw: Any) -> tuple[AdminToken, ...]:
     return tuple(out)
 
 
-def _key_tenants(r: _Reader, item: Mapping[str, Any], path: str, id_format: str) -> frozenset[str] | None:
+def _key_tenants(r: Reader, item: Mapping[str, Any], path: str, id_format: str) -> frozenset[str] | None:
     if ("tenant" in item) == ("tenants" in item):
         r.fail(path, "needs exactly one of `tenant` (one id) or `tenants` (a list, or [\"*\"])")
         return frozenset()
@@ -93,7 +93,7 @@ def _key_tenants(r: _Reader, item: Mapping[str, Any], path: str, id_format: str)
     return frozenset(out)
 
 
-def jwt_config(r: _Reader, raw: Any) -> JwtConfig | None:
+def jwt_config(r: Reader, raw: Any) -> JwtConfig | None:
     if raw is None:
         return None
     path = "auth.jwt"
@@ -110,28 +110,14 @@ def jwt_config(r: _Reader, raw: Any) -> JwtConfig | None:
     for a in algs:
         if a not in JWT_ALGORITHMS:
             r.fail(f"{path}.algorithms", f"unsupported algorithm {a!r} (allowed: {', '.join(sorted(JWT_ALGORITHMS))})")
-    sources = [k for k in ("secret_env", "secret", "public_key_file", "jwks_file", "jwks_url") if k in raw]
-    key = ""
-    jwks_url = None
+    sources = [k for k in _KEY_SOURCES if k in raw]
+    key, jwks_url = "", None
     if len(sources) != 1:
         r.fail(path, "needs exactly one of secret_env, secret, public_key_file, jwks_file, jwks_url")
     elif sources[0] == "jwks_url":
         jwks_url = _jwks_url(r, raw, path)
-    elif sources[0] == "secret_env":
-        var = raw["secret_env"]
-        if not isinstance(var, str) or var not in r.env or not r.env[var]:
-            r.fail(f"{path}.secret_env", f"environment variable {var} is not set")
-        else:
-            key = r.env[var]
-    elif sources[0] == "secret":
-        key = r.str_(raw, "secret", path, required=True) or ""
     else:
-        fname = r.str_(raw, sources[0], path, required=True)
-        if fname:
-            try:
-                key = Path(fname).read_text()
-            except OSError as exc:
-                r.fail(f"{path}.{sources[0]}", f"cannot read {fname}: {exc.strerror}")
+        key = _jwt_key(r, raw, path, sources[0])
     symmetric = any(a.startswith("HS") for a in algs)
     if symmetric and sources and sources[0] in ("public_key_file", "jwks_file", "jwks_url"):
         r.fail(f"{path}.algorithms", "HS* algorithms need a shared secret, not a public key")
@@ -156,7 +142,30 @@ def jwt_config(r: _Reader, raw: Any) -> JwtConfig | None:
     )
 
 
-def _jwks_url(r: _Reader, raw: Mapping[str, Any], path: str) -> str | None:
+_KEY_SOURCES = ("secret_env", "secret", "public_key_file", "jwks_file", "jwks_url")
+
+
+def _jwt_key(r: Reader, raw: Mapping[str, Any], path: str, source: str) -> str:
+    """The key from ``source``: an environment variable, the file itself, or a file it names."""
+    if source == "secret_env":
+        var = raw["secret_env"]
+        if not isinstance(var, str) or var not in r.env or not r.env[var]:
+            r.fail(f"{path}.secret_env", f"environment variable {var} is not set")
+            return ""
+        return r.env[var]
+    if source == "secret":
+        return r.str_(raw, "secret", path, required=True) or ""
+    fname = r.str_(raw, source, path, required=True)
+    if not fname:
+        return ""
+    try:
+        return Path(fname).read_text()
+    except OSError as exc:
+        r.fail(f"{path}.{source}", f"cannot read {fname}: {exc.strerror}")
+        return ""
+
+
+def _jwks_url(r: Reader, raw: Mapping[str, Any], path: str) -> str | None:
     """An http(s) URL serving a JWKS, or "discover": the issuer's OpenID configuration names it."""
     url = r.str_(raw, "jwks_url", path, required=True)
     if url is None:

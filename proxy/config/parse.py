@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import ipaddress
 import math
-import re
 import urllib.parse
 from collections.abc import Mapping
-from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from . import (
+from .auth import admin_tokens, api_keys, jwt_config
+from .model import (
     DEFAULT_CLUSTER,
-    ENV_RE,
     GUC_RE,
     HEADER_RE,
     LIMIT_KEYS,
@@ -38,102 +36,10 @@ from . import (
     canonical_tenant_id,
     redact_dsn,
 )
-from .auth import admin_tokens, api_keys, jwt_config
+from .reader import Reader
 
 
-class _Reader:
-    """Walks the raw YAML, collecting problems by key path instead of stopping at the first."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = env
-        self.problems: list[str] = []
-
-    def fail(self, path: str, message: str) -> None:
-        self.problems.append(f"{path}: {message}")
-
-    def section(self, raw: Mapping[str, Any], key: str, allowed: AbstractSet[str]) -> dict[str, Any]:
-        value = raw.get(key)
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            self.fail(key, "must be a mapping")
-            return {}
-        self.unknown(value, allowed, key)
-        return value
-
-    def unknown(self, raw: Mapping[str, Any], allowed: AbstractSet[str], path: str) -> None:
-        for k in raw:
-            if k not in allowed:
-                self.fail(f"{path}.{k}" if path else str(k), f"unknown key (allowed: {', '.join(sorted(allowed))})")
-
-    def expand(self, value: Any, path: str) -> Any:
-        if not isinstance(value, str):
-            return value
-
-        def sub(m: re.Match[str]) -> str:
-            name = m.group(1)
-            if name not in self.env:
-                self.fail(path, f"environment variable {name} is not set")
-                return ""
-            return self.env[name]
-
-        return ENV_RE.sub(sub, value)
-
-    def str_(self, raw: Mapping[str, Any], key: str, path: str, default: str | None = None,
-             required: bool = False) -> str | None:
-        value = self.expand(raw.get(key), f"{path}.{key}")
-        if value is None:
-            if required:
-                self.fail(f"{path}.{key}", "is required")
-            return default
-        if not isinstance(value, str) or not value:
-            self.fail(f"{path}.{key}", "must be a non-empty string")
-            return default
-        return value
-
-    def int_(self, raw: Mapping[str, Any], key: str, path: str, default: int, lo: int = 0,
-             hi: int | None = None) -> int:
-        if key not in raw:
-            return default  # may lie outside the bounds a value given must keep (an "unset" marker)
-        value = self.expand(raw[key], f"{path}.{key}")
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.fail(f"{path}.{key}", f"must be an integer, got {type(value).__name__}")
-            return default
-        if value < lo or (hi is not None and value > hi):
-            bound = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-            self.fail(f"{path}.{key}", f"must be {bound}, got {value}")
-            return default
-        return value
-
-    def number(self, raw: Mapping[str, Any], key: str, path: str, default: float, lo: float) -> float:
-        value = self.expand(raw.get(key, default), f"{path}.{key}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < lo:
-            self.fail(f"{path}.{key}", f"must be a number >= {lo:g}")
-            return default
-        return float(value)
-
-    def fraction(self, raw: Mapping[str, Any], key: str, path: str, default: float) -> float:
-        value = self.expand(raw.get(key, default), f"{path}.{key}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            self.fail(f"{path}.{key}", "must be a number between 0 and 1")
-            return default
-        return float(value)
-
-    def bool_(self, raw: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
-        value = self.expand(raw.get(key, default), f"{path}.{key}")
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            value = value.lower() == "true"
-        if not isinstance(value, bool):
-            self.fail(f"{path}.{key}", "must be true or false")
-            return default
-        return value
-
-
-
-
-def _limits(r: _Reader, raw: Any, path: str, base: Limits) -> Limits:
+def _limits(r: Reader, raw: Any, path: str, base: Limits) -> Limits:
     if raw is None:
         return base
     if not isinstance(raw, dict):
@@ -162,14 +68,14 @@ def _limits(r: _Reader, raw: Any, path: str, base: Limits) -> Limits:
 
 def parse_limits(raw: Any, base: Limits, path: str = "limits") -> Limits:
     """Validate one tenant's limit overrides (for the admin API); raise ConfigError."""
-    r = _Reader({})
+    r = Reader({})
     limits = _limits(r, raw, path, base)
     if r.problems:
         raise ConfigError(r.problems)
     return limits
 
 
-def _names(r: _Reader, raw: Mapping[str, Any], key: str, section: str,
+def _names(r: Reader, raw: Mapping[str, Any], key: str, section: str,
            default: tuple[str, ...] = ()) -> list[str]:
     value = raw.get(key, list(default))
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
@@ -178,21 +84,21 @@ def _names(r: _Reader, raw: Mapping[str, Any], key: str, section: str,
     return value
 
 
-def _dsn(r: _Reader, raw: Mapping[str, Any], path: str, required: bool) -> str:
+def _dsn(r: Reader, raw: Mapping[str, Any], path: str, required: bool) -> str:
     dsn = r.str_(raw, "dsn", path, required=required) or ""
     if dsn and not dsn.startswith(("postgresql://", "postgres://")):
         r.fail(f"{path}.dsn", "must be a postgresql:// URL")
     return dsn
 
 
-def _admin_dsn(r: _Reader, raw: Mapping[str, Any], path: str) -> str | None:
+def _admin_dsn(r: Reader, raw: Mapping[str, Any], path: str) -> str | None:
     dsn = r.str_(raw, "admin_dsn", path)
     if dsn is not None and not dsn.startswith(("postgresql://", "postgres://")):
         r.fail(f"{path}.admin_dsn", "must be a postgresql:// URL")
     return dsn
 
 
-def _replicas(r: _Reader, raw: Mapping[str, Any], path: str) -> tuple[str, ...]:
+def _replicas(r: Reader, raw: Mapping[str, Any], path: str) -> tuple[str, ...]:
     value = raw.get("replicas", [])
     if not isinstance(value, list):
         r.fail(f"{path}.replicas", "must be a list of postgresql:// URLs")
@@ -207,18 +113,45 @@ def _replicas(r: _Reader, raw: Mapping[str, Any], path: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+_SECTIONS = frozenset({"server", "database", "clusters", "tenancy", "defaults", "tenants", "auth", "guard",
+                       "metrics", "idempotency", "logging", "control", "admin", "limits"})
+
+
 def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
     """Validate a parsed YAML document; raise ConfigError listing every problem."""
-    r = _Reader(env)
+    r = Reader(env)
     if not isinstance(raw, dict):
         raise ConfigError(["(top level): must be a mapping"])
-    r.unknown(raw, {"server", "database", "clusters", "tenancy", "defaults", "tenants", "auth", "guard", "metrics",
-                    "idempotency", "logging", "control", "admin", "limits"}, "")
+    r.unknown(raw, _SECTIONS, "")
+    server = _server(r, raw)
+    database = _database(r, raw)
+    clusters = _clusters(r, raw, database)
+    if database.pool_min_size > database.pool_max_size:
+        r.fail("database.pool_min_size", f"must be <= pool_max_size ({database.pool_max_size})")
+    tenancy = _tenancy(r, raw)
+    id_format = tenancy.id_format if tenancy.id_format in ("uuid", "slug") else "uuid"
+    defaults = _limits(r, raw.get("defaults"), "defaults", Limits())
+    tenants = _tenants(r, raw, defaults, id_format, clusters)
+    control = _control(r, raw, server)
+    auth, admin = _auth(r, raw, id_format, control, server)
+    guard, metrics, idempotency, logging = _guard(r, raw), _metrics(r, raw), _idempotency(r, raw), _logging(r, raw)
+    fleet_limits = _fleet_limits(r, raw)
+    if r.problems:
+        raise ConfigError(r.problems)
+    return Settings(database=database, server=server, tenancy=tenancy, defaults=defaults, tenants=tenants,
+                    auth=auth, guard=guard, metrics=metrics, idempotency=idempotency, logging=logging,
+                    clusters=clusters, control=control, admin=admin, fleet_limits=fleet_limits)
 
-    s = r.section(raw, "server", {"host", "port", "admin_host", "admin_port", "max_request_bytes",
-                                  "shutdown_timeout_s", "body_timeout_s", "header_timeout_s", "keepalive_timeout_s",
-                                  "drain_s", "stream_threshold_rows", "stream_batch_rows", "stream_write_timeout_s",
-                                  "neon_sql_endpoint", "write_hold_s"})
+
+_SERVER_KEYS = frozenset({"host", "port", "admin_host", "admin_port", "max_request_bytes", "shutdown_timeout_s",
+                          "body_timeout_s", "header_timeout_s", "keepalive_timeout_s", "drain_s",
+                          "stream_threshold_rows", "stream_batch_rows", "stream_write_timeout_s",
+                          "neon_sql_endpoint", "write_hold_s", "tls_cert_file", "tls_key_file",
+                          "tls_client_ca_file"})
+
+
+def _server(r: Reader, raw: Mapping[str, Any]) -> ServerConfig:
+    s = r.section(raw, "server", _SERVER_KEYS)
     server = ServerConfig(
         host=r.str_(s, "host", "server", default="127.0.0.1") or "127.0.0.1",
         port=r.int_(s, "port", "server", 8080, lo=0, hi=65535),
@@ -235,17 +168,26 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
         stream_write_timeout_s=r.number(s, "stream_write_timeout_s", "server", 30.0, lo=0.1),
         neon_sql_endpoint=r.bool_(s, "neon_sql_endpoint", "server", False),
         write_hold_s=r.number(s, "write_hold_s", "server", 2.0, lo=0.0),
+        tls_cert_file=r.str_(s, "tls_cert_file", "server"),
+        tls_key_file=r.str_(s, "tls_key_file", "server"),
+        tls_client_ca_file=r.str_(s, "tls_client_ca_file", "server"),
     )
     if server.port and server.port == server.admin_port and server.host == server.admin_host:
         r.fail("server.admin_port", "must differ from server.port")
+    if (server.tls_cert_file is None) != (server.tls_key_file is None):
+        r.fail("server.tls_key_file", "server.tls_cert_file and server.tls_key_file go together")
+    if server.tls_client_ca_file is not None and server.tls_cert_file is None:
+        r.fail("server.tls_client_ca_file", "needs server.tls_cert_file and server.tls_key_file (HTTPS)")
+    return server
 
+
+def _database(r: Reader, raw: Mapping[str, Any]) -> DatabaseConfig:
     if "database" not in raw:
         r.fail("database", "is required")
     d = r.section(raw, "database", {"dsn", "pool_min_size", "pool_max_size", "acquire_timeout_ms",
                                     "connect_timeout_ms", "pgbouncer_admin_dsn", "replicas", "admin_dsn"})
-    dsn = _dsn(r, d, "database", required="database" in raw)
     database = DatabaseConfig(
-        dsn=dsn,
+        dsn=_dsn(r, d, "database", required="database" in raw),
         pool_min_size=r.int_(d, "pool_min_size", "database", 2, lo=0),
         pool_max_size=r.int_(d, "pool_max_size", "database", 20, lo=1),
         acquire_timeout_ms=r.int_(d, "acquire_timeout_ms", "database", 2000, lo=1),
@@ -254,12 +196,16 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
         replicas=_replicas(r, d, "database"),
         admin_dsn=_admin_dsn(r, d, "database"),
     )
+    return database
+
+
+def _clusters(r: Reader, raw: Mapping[str, Any], database: DatabaseConfig) -> dict[str, ClusterConfig]:
     clusters = {DEFAULT_CLUSTER: ClusterConfig(DEFAULT_CLUSTER, database.dsn, database.replicas,
                                                database.admin_dsn)}
     raw_clusters = raw.get("clusters") or {}
     if not isinstance(raw_clusters, dict):
         r.fail("clusters", "must be a mapping of cluster name to {dsn, replicas}")
-        raw_clusters = {}
+        return clusters
     for name, c in raw_clusters.items():
         path = f"clusters.{name}"
         if not isinstance(c, dict):
@@ -271,9 +217,10 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
         r.unknown(c, {"dsn", "replicas", "admin_dsn"}, path)
         clusters[name] = ClusterConfig(name, _dsn(r, c, path, required=True), _replicas(r, c, path),
                                        _admin_dsn(r, c, path))
-    if database.pool_min_size > database.pool_max_size:
-        r.fail("database.pool_min_size", f"must be <= pool_max_size ({database.pool_max_size})")
+    return clusters
 
+
+def _tenancy(r: Reader, raw: Mapping[str, Any]) -> TenancyConfig:
     t = r.section(raw, "tenancy", {"guc", "id_format", "header", "column", "schemas", "global_tables"})
     tenancy = TenancyConfig(
         guc=r.str_(t, "guc", "tenancy", default="app.tenant_id") or "app.tenant_id",
@@ -289,9 +236,11 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
         r.fail("tenancy.id_format", f"must be uuid or slug, got {tenancy.id_format!r}")
     if not HEADER_RE.match(tenancy.header):
         r.fail("tenancy.header", "must be an HTTP header name")
+    return tenancy
 
-    defaults = _limits(r, raw.get("defaults"), "defaults", Limits())
-    id_format = tenancy.id_format if tenancy.id_format in ("uuid", "slug") else "uuid"
+
+def _tenants(r: Reader, raw: Mapping[str, Any], defaults: Limits, id_format: str,
+             clusters: Mapping[str, ClusterConfig]) -> dict[str, Limits]:
     tenants: dict[str, Limits] = {}
     raw_tenants = raw.get("tenants") or {}
     if not isinstance(raw_tenants, dict):
@@ -309,8 +258,11 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
         tenants[canon] = _limits(r, override, f"tenants.{tid}", defaults)
         if tenants[canon].cluster not in clusters:
             r.fail(f"tenants.{tid}.cluster", f"no cluster named {tenants[canon].cluster!r} (see clusters)")
+    return tenants
 
-    control = _control(r, raw, server)
+
+def _auth(r: Reader, raw: Mapping[str, Any], id_format: str, control: ControlConfig,
+          server: ServerConfig) -> tuple[AuthConfig, AdminConfig]:
     a = r.section(raw, "auth", {"api_keys", "jwt"})
     auth = AuthConfig(api_keys=api_keys(r, a.get("api_keys"), id_format), jwt=jwt_config(r, a.get("jwt")))
     if not auth.api_keys and auth.jwt is None and control.dsn is None:
@@ -319,42 +271,44 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
     if not admin.tokens and not _loopback(server.admin_host):
         r.fail("admin.tokens", f"required when server.admin_host ({server.admin_host}) is not a loopback address: "
                                "every /admin route would be open to the network")
+    return auth, admin
 
+
+def _guard(r: Reader, raw: Mapping[str, Any]) -> GuardConfig:
     g = r.section(raw, "guard", {"deny_functions", "allow_functions", "allow_call", "cache_size"})
-    guard = GuardConfig(
+    return GuardConfig(
         deny_functions=frozenset(_names(r, g, "deny_functions", "guard")),
         allow_functions=frozenset(_names(r, g, "allow_functions", "guard")),
         allow_call=frozenset(_names(r, g, "allow_call", "guard")),
         cache_size=r.int_(g, "cache_size", "guard", 10000, lo=1),
     )
 
+
+def _metrics(r: Reader, raw: Mapping[str, Any]) -> MetricsConfig:
     m = r.section(raw, "metrics", {"tenant_label_limit", "hotspot_window_s", "hotspot_share"})
-    metrics = MetricsConfig(
+    return MetricsConfig(
         tenant_label_limit=r.int_(m, "tenant_label_limit", "metrics", 50, lo=1, hi=10000),
         hotspot_window_s=r.int_(m, "hotspot_window_s", "metrics", 60, lo=1, hi=3600),
         hotspot_share=r.fraction(m, "hotspot_share", "metrics", 0.25),
     )
 
+
+def _idempotency(r: Reader, raw: Mapping[str, Any]) -> IdempotencyConfig:
     i = r.section(raw, "idempotency", {"retention_s", "purge_interval_s"})
-    idem = IdempotencyConfig(retention_s=r.int_(i, "retention_s", "idempotency", 86400, lo=1),
+    return IdempotencyConfig(retention_s=r.int_(i, "retention_s", "idempotency", 86400, lo=1),
                              purge_interval_s=r.int_(i, "purge_interval_s", "idempotency", 300, lo=1))
 
+
+def _logging(r: Reader, raw: Mapping[str, Any]) -> LoggingConfig:
     lg = r.section(raw, "logging", {"level", "access_log", "access_sample"})
     level = (r.str_(lg, "level", "logging", default="INFO") or "INFO").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         r.fail("logging.level", "must be DEBUG, INFO, WARNING or ERROR")
-    logging = LoggingConfig(level=level, access_log=r.bool_(lg, "access_log", "logging", True),
-                            access_sample=r.fraction(lg, "access_sample", "logging", 1.0))
-
-    fleet_limits = _fleet_limits(r, raw)
-    if r.problems:
-        raise ConfigError(r.problems)
-    return Settings(database=database, server=server, tenancy=tenancy, defaults=defaults, tenants=tenants,
-                    auth=auth, guard=guard, metrics=metrics, idempotency=idem, logging=logging, clusters=clusters,
-                    control=control, admin=admin, fleet_limits=fleet_limits)
+    return LoggingConfig(level=level, access_log=r.bool_(lg, "access_log", "logging", True),
+                         access_sample=r.fraction(lg, "access_sample", "logging", 1.0))
 
 
-def _fleet_limits(r: _Reader, raw: Mapping[str, Any]) -> FleetLimitsConfig:
+def _fleet_limits(r: Reader, raw: Mapping[str, Any]) -> FleetLimitsConfig:
     section = r.section(raw, "limits", {"redis_url", "redis_timeout_ms"})
     url = r.str_(section, "redis_url", "limits", default=None)
     if url is not None:
@@ -375,7 +329,7 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def _control(r: _Reader, raw: Mapping[str, Any], server: ServerConfig) -> ControlConfig:
+def _control(r: Reader, raw: Mapping[str, Any], server: ServerConfig) -> ControlConfig:
     c = r.section(raw, "control", {"dsn", "lease_s", "heartbeat_s", "address"})
     if not c:
         return ControlConfig()

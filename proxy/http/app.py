@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from ..policy.guard import Guard
 from ..policy.guard_pool import ParseWorkers
 from ..policy.jwks import JwksRefresher
 from ..policy.rates import RedisUnavailable, open_limiter
-from . import admin, handlers, neon, openapi
+from . import admin, handlers, neon, openapi, tls
 from .appkeys import GATEWAY
 from .errors import error_middleware
 from .head_deadline import GatewayRunner
@@ -99,6 +100,8 @@ class Gateway:
     access: AccessLog = field(default_factory=AccessLog)
     # Which of `serve --workers N` this process is; None for a single process.
     worker: WorkerSlot | None = None
+    # The data port's TLS context (server.tls_cert_file), its certificate reloaded in place.
+    tls: ssl.SSLContext | None = None
     _overlay: Overlay = field(default_factory=Overlay)
     _closing: set[asyncio.Task[None]] = field(default_factory=set)
     _purger: asyncio.Task[None] | None = None
@@ -130,6 +133,7 @@ class Gateway:
         else:
             try:
                 settings = load_config(self.config_path, self.env)
+                tls.reload(self.tls, settings.server)
             except ConfigError as exc:
                 problems = exc.problems
             else:
@@ -315,6 +319,7 @@ async def start_gateway(settings: Settings, config_path: Path | None = None,
     ``config_path`` (and the ``env`` its ``${VARS}`` come from) enable reloads; ``worker``:
     one of several processes sharing the ports (SO_REUSEPORT), with a peer socket."""
     _quiet_cancelled_resets(asyncio.get_running_loop())
+    context = tls.server_context(settings.server)  # first: a bad certificate opens nothing
     limiter = await open_limiter(settings.fleet_limits.redis_url, settings.fleet_limits.redis_timeout_ms)
     router = Router(settings)
     await router.start()
@@ -322,7 +327,7 @@ async def start_gateway(settings: Settings, config_path: Path | None = None,
     admission = Admission(limiter, settings.database.acquire_timeout_ms / 1000)
     admission.resize(router.pool_sizes(), settings.database.acquire_timeout_ms / 1000)
     gateway = Gateway(runtime=Runtime.build(settings, refresher), router=router, admission=admission,
-                      config_path=config_path, env=env or {}, jwks=refresher, worker=worker)
+                      config_path=config_path, env=env or {}, jwks=refresher, worker=worker, tls=context)
     try:
         await gateway.start_control()
     except BaseException:
@@ -331,8 +336,8 @@ async def start_gateway(settings: Settings, config_path: Path | None = None,
     gateway.start_background()
     data_app, admin_app = create_apps(gateway)
     ports = []
-    for app, host, port in ((data_app, settings.server.host, settings.server.port),
-                            (admin_app, settings.server.admin_host, settings.server.admin_port)):
+    for app, host, port, ssl_context in ((data_app, settings.server.host, settings.server.port, context),
+                                         (admin_app, settings.server.admin_host, settings.server.admin_port, None)):
         # handler_cancellation: a client that hangs up cancels its request, and with it the
         # statement on the server (the connection is closed, never reused mid-query).
         # head_timeout: read per connection, so that a reload applies to new connections.
@@ -340,7 +345,8 @@ async def start_gateway(settings: Settings, config_path: Path | None = None,
                                handler_cancellation=True, keepalive_timeout=settings.server.keepalive_timeout_s,
                                head_timeout=lambda: gateway.runtime.settings.server.header_timeout_s)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=worker is not None)
+        site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=worker is not None,
+                           ssl_context=ssl_context)
         await site.start()
         gateway.runners.append(runner)
         ports.append(runner.addresses[-1][1])

@@ -38,8 +38,9 @@ from aiohttp import web
 from ..config import Limits
 from ..errors import INVALID_REQUEST, NOT_FOUND, ApiError, error_body
 from ..pg.encode import check_nesting
-from ..pg.pgtext import base_type, json_to_text, param_from_text, to_json, to_text
+from ..pg.pgtext import base_type, to_json, to_text
 from ..pg.statement import Result
+from ..pg.text_params import json_to_text, param_from_text
 from . import handlers
 from . import plan as plans
 from .appkeys import ERROR_RENDERER, GATEWAY

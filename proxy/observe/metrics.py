@@ -20,19 +20,17 @@ millisecond at the label limit) and renders the copy in a worker thread
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.samples import Exemplar
-from prometheus_client.utils import floatToGoString
 
 from ..config import MetricsConfig
+from .families import Family, FamilyCopy
 from .hotspots import HeavyHitters, TenantLoad, choose_labelled
 from .pgbouncer import Snapshot
 from .pools import PoolStats
@@ -40,8 +38,6 @@ from .trace import RequestTrace
 
 OTHER = "__other__"
 NO_TENANT = "__none__"
-# Sub-millisecond to 30 s; twelve buckets keep 50 labelled tenants under 300 KB per scrape.
-BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0)
 REJECT_REASONS = {
     "unauthenticated": "auth", "statement_rejected": "guard", "rate_limited": "rate",
     "concurrency_limited": "concurrency", "tenant_suspended": "suspended", "pool_timeout": "pool_timeout",
@@ -49,85 +45,6 @@ REJECT_REASONS = {
 }
 _REFRESH_S = 1.0
 _RECENT = 512  # latencies kept per labelled tenant for the admin quantiles
-_LE = (*(floatToGoString(b) for b in BUCKETS), "+Inf")  # type: ignore[no-untyped-call]
-# OpenMetrics caps an exemplar's label names and values at 128 characters in all.
-_EXEMPLAR_ID_MAX = 128 - len("request_id")
-
-
-class _Histogram:
-    """One histogram series: a count per bucket (not cumulative), the sum, and the
-    latest exemplar per bucket as (request id, value, time)."""
-
-    __slots__ = ("counts", "exemplars", "total")
-
-    def __init__(self) -> None:
-        self.counts = [0] * len(_LE)
-        self.total = 0.0
-        self.exemplars: list[tuple[str, float, float] | None] | None = None
-
-    def observe(self, value: float, request_id: str | None = None) -> None:
-        i = bisect_left(BUCKETS, value)  # the first bucket whose bound is >= value ("le")
-        self.counts[i] += 1
-        self.total += value
-        if request_id is not None and len(request_id) <= _EXEMPLAR_ID_MAX:
-            if self.exemplars is None:
-                self.exemplars = [None] * len(_LE)
-            self.exemplars[i] = (request_id, value, time.time())
-
-
-class _Family:
-    """A metric's series by label values, the tenant label first."""
-
-    def __init__(self, name: str, doc: str, labels: tuple[str, ...], histogram: bool = False) -> None:
-        self.name = name
-        self.doc = doc
-        self.labels = labels
-        self.histogram = histogram
-        self.series: dict[tuple[str, ...], Any] = {}
-
-    def inc(self, key: tuple[str, ...], amount: float = 1.0) -> None:
-        self.series[key] = self.series.get(key, 0.0) + amount
-
-    def observe(self, key: tuple[str, ...], value: float, request_id: str | None = None) -> None:
-        h = self.series.get(key)
-        if h is None:
-            h = self.series[key] = _Histogram()
-        h.observe(value, request_id)
-
-    def drop_tenant(self, tenant: str) -> None:
-        for key in [k for k in self.series if k[0] == tenant]:
-            del self.series[key]
-
-    def copy(self) -> _FamilyCopy:
-        if not self.histogram:
-            return _FamilyCopy(self, list(self.series.items()))
-        return _FamilyCopy(self, [(key, (list(h.counts), h.total, list(h.exemplars or ())))
-                                  for key, h in self.series.items()])
-
-
-@dataclass(frozen=True, slots=True)
-class _FamilyCopy:
-    of: _Family
-    items: list[tuple[tuple[str, ...], Any]]
-
-    def family(self) -> Metric:
-        f = self.of
-        if not f.histogram:
-            counter = CounterMetricFamily(f.name, f.doc, labels=f.labels)
-            for key, value in self.items:
-                counter.add_metric(key, value)
-            return counter
-        fam = HistogramMetricFamily(f.name, f.doc, labels=f.labels)
-        for key, (counts, total, exemplars) in self.items:
-            buckets: list[Any] = []
-            running = 0
-            for i, (le, n) in enumerate(zip(_LE, counts, strict=True)):
-                running += n
-                ex = exemplars[i] if exemplars else None
-                buckets.append((le, running) if ex is None else
-                               (le, running, Exemplar({"request_id": ex[0]}, ex[1], ex[2])))
-            fam.add_metric(key, buckets, total)
-        return fam
 
 
 def _sketch(cfg: MetricsConfig) -> HeavyHitters:
@@ -155,18 +72,18 @@ class Metrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = _Family("tenant_proxy_requests", "HTTP requests by tenant, endpoint and status code",
+        self.requests = Family("tenant_proxy_requests", "HTTP requests by tenant, endpoint and status code",
                                 ("tenant", "endpoint", "code"))
-        self.rejected = _Family("tenant_proxy_rejected", "Requests refused before or instead of running, by reason",
+        self.rejected = Family("tenant_proxy_rejected", "Requests refused before or instead of running, by reason",
                                 ("tenant", "reason"))
-        self.duration = _Family("tenant_proxy_request_duration_seconds", "End-to-end request latency",
+        self.duration = Family("tenant_proxy_request_duration_seconds", "End-to-end request latency",
                                 ("tenant", "endpoint"), histogram=True)
-        self.pool_wait = _Family("tenant_proxy_pool_wait_seconds",
+        self.pool_wait = Family("tenant_proxy_pool_wait_seconds",
                                  "Time waiting for a database connection or a tenant slot", ("tenant",),
                                  histogram=True)
-        self.db_duration = _Family("tenant_proxy_db_duration_seconds", "Database time, BEGIN to COMMIT",
+        self.db_duration = Family("tenant_proxy_db_duration_seconds", "Database time, BEGIN to COMMIT",
                                    ("tenant",), histogram=True)
-        self.rows = _Family("tenant_proxy_rows_returned", "Rows returned to callers", ("tenant",))
+        self.rows = Family("tenant_proxy_rows_returned", "Rows returned to callers", ("tenant",))
         self._per_request = (self.requests, self.rejected, self.duration, self.pool_wait, self.db_duration,
                              self.rows)
         self.folded = 0
@@ -307,7 +224,7 @@ class _Scrape:
     """One scrape's figures, copied on the event loop; ``collect`` runs anywhere."""
 
     registry: CollectorRegistry  # the metrics prometheus_client keeps itself (build info, reloads)
-    per_request: list[_FamilyCopy]
+    per_request: list[FamilyCopy]
     folded: int
     loads: list[TenantLoad]       # the labelled tenants' hotspot figures
     inflight: list[tuple[str, int]]

@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from ..errors import INVALID_REQUEST, ApiError
+from .pgtext import to_text
 
 
 def _default(obj: Any) -> Any:
@@ -43,7 +44,6 @@ def _default(obj: Any) -> Any:
     if type(obj).__module__.startswith("asyncpg"):
         # asyncpg's geometric types and bit strings, whose str() is a Python repr
         # (a Path's even carries a memory address): PostgreSQL's own text instead.
-        from .pgtext import to_text  # pgtext imports this module
 
         return to_text(obj)
     return str(obj)

@@ -31,7 +31,8 @@ from proxy.errors import (
 )
 from proxy.http import neon
 from proxy.http import plan as handlers
-from proxy.pg.pgtext import json_to_text, param_from_text, parse_array, to_json, to_text
+from proxy.pg.pgtext import to_json, to_text
+from proxy.pg.text_params import json_to_text, param_from_text, parse_array
 from proxy.policy import jwks
 from proxy.policy.auth import Authenticator, UnknownKeyId
 from proxy.policy.jwks import JwksError, parse_jwks

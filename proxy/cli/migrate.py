@@ -11,7 +11,7 @@ from typing import Any
 
 
 def command(args: argparse.Namespace) -> int:
-    from .migrate import SQL_DIR, MigrateError, migrate
+    from ..tools.migrate import SQL_DIR, MigrateError, migrate
 
     try:
         asyncio.run(migrate(args.dsn, Path(args.dir) if args.dir else SQL_DIR, lambda line: print(line, flush=True)))

@@ -21,9 +21,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..config import Settings, load_config
+from ..control.catalog import Catalog
+from ..control.schema import CatalogError, connect, migrate
 from ..policy.auth import hash_key
-from .catalog import Catalog
-from .schema import CatalogError, connect, migrate
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
