@@ -78,7 +78,7 @@ async def _serve(settings: Settings, config_path: str, banner: str | None = None
     # Graceful: report not-ready while load balancers notice, then stop accepting, let
     # in-flight requests finish (up to server.shutdown_timeout_s), then close the pools.
     running.gateway.draining = True
-    await asyncio.sleep(settings.server.drain_s)
+    await asyncio.sleep(running.gateway.runtime.settings.server.drain_s)  # as last reloaded
     await running.stop()
 
 

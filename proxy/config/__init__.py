@@ -15,6 +15,7 @@ from .model import (
     JWT_ALGORITHMS,
     LIMIT_KEYS,
     MAX_CONCURRENCY_AUTO,
+    RESTART_KEYS,
     SHA256_RE,
     SLUG_RE,
     AdminConfig,
@@ -37,6 +38,7 @@ from .model import (
     TenancyConfig,
     canonical_tenant_id,
     redact_dsn,
+    restart_needed,
 )
 from .parse import load_config, parse_config, parse_limits
 
@@ -49,6 +51,7 @@ __all__ = [
     "JWT_ALGORITHMS",
     "LIMIT_KEYS",
     "MAX_CONCURRENCY_AUTO",
+    "RESTART_KEYS",
     "SHA256_RE",
     "SLUG_RE",
     "AdminConfig",
@@ -74,4 +77,5 @@ __all__ = [
     "parse_config",
     "parse_limits",
     "redact_dsn",
+    "restart_needed",
 ]

@@ -71,7 +71,7 @@ def _key_tenants(r: Reader, item: Mapping[str, Any], path: str, id_format: str) 
         r.fail(path, "needs exactly one of `tenant` (one id) or `tenants` (a list, or [\"*\"])")
         return frozenset()
     if "tenant" in item:
-        values = [r.expand(item["tenant"], f"{path}.tenant")]
+        values = [item["tenant"]]
         where = f"{path}.tenant"
     else:
         values = item["tenants"]
@@ -171,7 +171,7 @@ def _jwks_url(r: Reader, raw: Mapping[str, Any], path: str) -> str | None:
     if url is None:
         return None
     if url == "discover":
-        issuer = r.expand(raw.get("issuer"), f"{path}.issuer")
+        issuer = raw.get("issuer")
         if not isinstance(issuer, str) or not issuer.startswith(("https://", "http://")):
             r.fail(f"{path}.jwks_url", "\"discover\" needs auth.jwt.issuer set to the provider's http(s) URL")
         return url

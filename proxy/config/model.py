@@ -321,3 +321,15 @@ def redact_dsn(dsn: str) -> str:
 LIMIT_KEYS = frozenset({"statement_timeout_ms", "max_rows", "suspended", "pin_metrics", "max_concurrency",
                         "rate_per_s", "burst", "queue_timeout_ms", "max_request_bytes", "weight", "cluster",
                         "max_response_bytes", "moving", "max_sql_bytes", "transaction_timeout_ms"})
+
+
+# Settings a reload reads but cannot apply: the listening sockets, aiohttp's body limit and
+# shutdown timeout, and the keep-alive timeout are fixed when the gateway starts.
+RESTART_KEYS = (("server", "host"), ("server", "port"), ("server", "admin_host"), ("server", "admin_port"),
+                ("server", "max_request_bytes"), ("server", "shutdown_timeout_s"), ("server", "keepalive_timeout_s"))
+
+
+def restart_needed(old: Settings, new: Settings) -> list[str]:
+    """The keys among ``RESTART_KEYS`` whose value a reload changed (they keep the old one)."""
+    return [f"{section}.{key}" for section, key in RESTART_KEYS
+            if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)]

@@ -75,6 +75,11 @@ def parse_limits(raw: Any, base: Limits, path: str = "limits") -> Limits:
     return limits
 
 
+def _items(raw: Mapping[str, Any], key: str) -> list[tuple[Any, Any]]:
+    value = raw.get(key)
+    return list(value.items()) if isinstance(value, dict) else []
+
+
 def _names(r: Reader, raw: Mapping[str, Any], key: str, section: str,
            default: tuple[str, ...] = ()) -> list[str]:
     value = raw.get(key, list(default))
@@ -105,7 +110,7 @@ def _replicas(r: Reader, raw: Mapping[str, Any], path: str) -> tuple[str, ...]:
         return ()
     out = []
     for i, item in enumerate(value):
-        dsn = r.expand(item, f"{path}.replicas[{i}]")
+        dsn = item
         if not isinstance(dsn, str) or not dsn.startswith(("postgresql://", "postgres://")):
             r.fail(f"{path}.replicas[{i}]", "must be a postgresql:// URL")
         else:
@@ -123,6 +128,7 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
     if not isinstance(raw, dict):
         raise ConfigError(["(top level): must be a mapping"])
     r.unknown(raw, _SECTIONS, "")
+    raw = r.expand(raw, "")
     server = _server(r, raw)
     database = _database(r, raw)
     clusters = _clusters(r, raw, database)
@@ -130,6 +136,10 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Settings:
         r.fail("database.pool_min_size", f"must be <= pool_max_size ({database.pool_max_size})")
     tenancy = _tenancy(r, raw)
     id_format = tenancy.id_format if tenancy.id_format in ("uuid", "slug") else "uuid"
+    for path, limits in (("defaults", raw.get("defaults")), *((f"tenants.{k}", v) for k, v in _items(raw, "tenants"))):
+        if isinstance(limits, dict) and "moving" in limits:
+            r.fail(f"{path}.moving", "is set only by `tenant-proxy move` (through the control catalog or the admin "
+                                     "API), never in the file")
     defaults = _limits(r, raw.get("defaults"), "defaults", Limits())
     tenants = _tenants(r, raw, defaults, id_format, clusters)
     control = _control(r, raw, server)

@@ -3,6 +3,7 @@ every problem collected by key path instead of stopping at the first."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
@@ -37,6 +38,13 @@ class Reader:
                 self.fail(f"{path}.{k}" if path else str(k), f"unknown key (allowed: {', '.join(sorted(allowed))})")
 
     def expand(self, value: Any, path: str) -> Any:
+        """``value`` with every ``${VAR}`` in its strings replaced, in mappings' values and
+        lists' items at any depth (not in mapping keys), each expanded once: a variable's
+        value is never read for more variables.  Done once, on the whole document."""
+        if isinstance(value, dict):
+            return {k: self.expand(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.expand(v, f"{path}[{i}]") for i, v in enumerate(value)]
         if not isinstance(value, str):
             return value
 
@@ -51,7 +59,7 @@ class Reader:
 
     def str_(self, raw: Mapping[str, Any], key: str, path: str, default: str | None = None,
              required: bool = False) -> str | None:
-        value = self.expand(raw.get(key), f"{path}.{key}")
+        value = raw.get(key)
         if value is None:
             if required:
                 self.fail(f"{path}.{key}", "is required")
@@ -65,7 +73,7 @@ class Reader:
              hi: int | None = None) -> int:
         if key not in raw:
             return default  # may lie outside the bounds a value given must keep (an "unset" marker)
-        value = self.expand(raw[key], f"{path}.{key}")
+        value = raw[key]
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -78,24 +86,35 @@ class Reader:
         return value
 
     def number(self, raw: Mapping[str, Any], key: str, path: str, default: float, lo: float) -> float:
-        value = self.expand(raw.get(key, default), f"{path}.{key}")
+        value = _numeric(raw.get(key, default))
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < lo:
             self.fail(f"{path}.{key}", f"must be a number >= {lo:g}")
             return default
         return float(value)
 
     def fraction(self, raw: Mapping[str, Any], key: str, path: str, default: float) -> float:
-        value = self.expand(raw.get(key, default), f"{path}.{key}")
+        value = _numeric(raw.get(key, default))
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             self.fail(f"{path}.{key}", "must be a number between 0 and 1")
             return default
         return float(value)
 
     def bool_(self, raw: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
-        value = self.expand(raw.get(key, default), f"{path}.{key}")
+        value = raw.get(key, default)
         if isinstance(value, str) and value.lower() in ("true", "false"):
             value = value.lower() == "true"
         if not isinstance(value, bool):
             self.fail(f"{path}.{key}", "must be true or false")
             return default
         return value
+
+
+def _numeric(value: Any) -> Any:
+    """A string that reads as a finite number (from ``${VAR}``) as that number."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return number if math.isfinite(number) else value
+    return value

@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import __version__
-from ..config import ConfigError, Limits, Settings, load_config
+from ..config import ConfigError, Limits, Settings, load_config, restart_needed
 from ..control.sync import ControlSync
 from ..control.view import Overlay, View
 from ..errors import ApiError
@@ -138,8 +138,12 @@ class Gateway:
                 problems = exc.problems
             else:
                 try:
+                    restart = restart_needed(self.file_settings or self.runtime.settings, settings)
                     await self.apply(settings)
                     problems = []
+                    if restart:
+                        log.warning("config reload: %s changed but need a restart; the old values stay in force",
+                                    ", ".join(restart))
                 except RedisUnavailable as exc:
                     problems = [str(exc)]
                 except _START_ERRORS as exc:
@@ -173,6 +177,8 @@ class Gateway:
         self.runtime = Runtime.build(settings, self.jwks, self.runtime if self.jwks is None else None)
         self.admission.resize(self.router.pool_sizes(), settings.database.acquire_timeout_ms / 1000)
         self.metrics.configure(settings.metrics, settings.pinned_tenants)
+        if settings.logging.level != old.logging.level:
+            logging.getLogger().setLevel(settings.logging.level)
 
     def apply_view(self, view: View) -> None:
         """Put a new catalog view over the file's settings (called by the control sync)."""

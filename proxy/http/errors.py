@@ -14,7 +14,6 @@ from ..errors import (
     METHOD_NOT_ALLOWED,
     NOT_FOUND,
     PAYLOAD_TOO_LARGE,
-    UNSUPPORTED_MEDIA_TYPE,
     ApiError,
     error_body,
 )
@@ -30,7 +29,7 @@ def error_response(err: ApiError, request_id: str) -> web.Response:
 
 
 # aiohttp's own refusals; any other 4xx or 5xx of its is the caller's request being wrong.
-_HTTP_KINDS = {404: NOT_FOUND, 405: METHOD_NOT_ALLOWED, 413: PAYLOAD_TOO_LARGE, 415: UNSUPPORTED_MEDIA_TYPE}
+_HTTP_KINDS = {404: NOT_FOUND, 405: METHOD_NOT_ALLOWED, 413: PAYLOAD_TOO_LARGE}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
