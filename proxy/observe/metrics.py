@@ -41,7 +41,7 @@ NO_TENANT = "__none__"
 REJECT_REASONS = {
     "unauthenticated": "auth", "statement_rejected": "guard", "rate_limited": "rate",
     "concurrency_limited": "concurrency", "tenant_suspended": "suspended", "pool_timeout": "pool_timeout",
-    "statement_timeout": "statement_timeout",
+    "statement_timeout": "statement_timeout", "tenant_moving": "moving",
 }
 _REFRESH_S = 1.0
 _RECENT = 512  # latencies kept per labelled tenant for the admin quantiles
