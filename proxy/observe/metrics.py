@@ -88,6 +88,8 @@ class Metrics:
                              self.rows)
         self.folded = 0
         self.reloads = Counter("tenant_proxy_config_reloads", "Config reloads by result", ["result"], registry=r)
+        for result in ("ok", "error"):  # both series from the start: an alert's increase() sees the first
+            self.reloads.labels(result)
         self.redis_up = Gauge("tenant_proxy_rate_limit_redis_up", "1 while the fleet's rate limits are kept in Redis "
                               "(0: limits.redis_url set but not answering, each instance enforces its share)",
                               registry=r)

@@ -42,7 +42,7 @@ def test_dashboard_and_alerts_use_exported_metrics() -> None:
     exported = _exported_names()
     dashboard = json.loads((DEPLOY / "grafana" / "dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-    exprs.append(dashboard["templating"]["list"][0]["query"])
+    exprs += [str(variable.get("query", "")) for variable in dashboard["templating"]["list"]]
     exprs += re.findall(r"expr: (.+(?:\n {12}.+)*)", (DEPLOY / "prometheus" / "alerts.yml").read_text())
     used = {n for e in exprs for n in re.findall(r"\b((?:tenant_proxy|pgbouncer)_[a-z_]+|up)\b", e)}
     assert used and used <= exported, used - exported

@@ -7,6 +7,7 @@ the gateway configs shipped with them load."""
 from __future__ import annotations
 
 import configparser
+import json
 import re
 import shlex
 import subprocess
@@ -206,7 +207,8 @@ def test_kubernetes_pgbouncer_ini_is_the_reference_with_sidecar_values() -> None
     data = k8s("configmap.yaml")["data"]
     rendered = ini(data["pgbouncer.ini"])
     assert_same_settings(rendered, PLACEMENT | POOL_BUDGET)
-    assert rendered["pgbouncer"]["listen_addr"] == "127.0.0.1", "only the pod's own gateway connects"
+    # The kubelet's tcpSocket probes go to the pod's IP: PgBouncer must listen there too.
+    assert rendered["pgbouncer"]["listen_addr"] in ("*", "0.0.0.0"), "the probes reach what they probe"
     assert rendered["pgbouncer"]["logfile"] == "" and rendered["pgbouncer"]["pidfile"] == ""
     # The per-pod budget times the most pods is what PostgreSQL must allow.
     hpa = k8s("hpa.yaml")
@@ -370,8 +372,8 @@ def test_compose_grafana_provisions_the_dashboard_and_datasource() -> None:
     datasources = yaml.safe_load((COMPOSE_DIR / "grafana/provisioning/datasources/prometheus.yml").read_text())
     uid = datasources["datasources"][0]["uid"]
     assert datasources["datasources"][0]["url"] == "http://prometheus:9090"
+    assert uid and datasources["datasources"][0]["isDefault"] is True  # what the dashboard's variable picks
     script = (COMPOSE_DIR / "grafana" / "entrypoint.sh").read_text()
-    assert f"s/\\${{DS_PROMETHEUS}}/{uid}/g" in script, "the dashboard's input points at the provisioned uid"
     providers = yaml.safe_load((COMPOSE_DIR / "grafana/provisioning/dashboards/tenant-proxy.yml").read_text())
     assert providers["providers"][0]["options"]["path"] in script
     assert "../grafana/dashboard.json:/etc/tenant-proxy/dashboard.json:ro" in grafana["volumes"]
@@ -400,3 +402,65 @@ def test_revoked_functions_agree_with_the_guard_and_the_audit() -> None:
     assert dangerous == set(DANGEROUS_FUNCTIONS)
     assert activity == set(ACTIVITY_FUNCTIONS)
     assert dangerous <= DENIED_FUNCTIONS and activity <= DENIED_FUNCTIONS
+
+
+def test_the_dashboard_resolves_its_datasource_however_grafana_loads_it() -> None:
+    """File provisioning (compose), the Kubernetes Grafana sidecar and a UI import all load
+    the JSON as it is: no ${DS_PROMETHEUS} import input, which only the UI fills in; every
+    query names the dashboard's own datasource variable."""
+    text = (REPO / "deploy" / "grafana" / "dashboard.json").read_text()
+    dashboard = json.loads(text)
+    assert "__inputs" not in dashboard and "DS_PROMETHEUS" not in text
+    variable = dashboard["templating"]["list"][0]
+    assert (variable["name"], variable["type"], variable["query"]) == ("datasource", "datasource", "prometheus")
+    uids = set(re.findall(r'"uid": "([^"]*)"', text)) - {dashboard["uid"]}
+    assert uids == {"${datasource}"}, uids
+
+
+def test_kubernetes_probes_reach_what_they_probe() -> None:
+    """The kubelet sends tcpSocket and httpGet probes to the pod's IP: every probed port
+    must be one its container listens on there, not on 127.0.0.1 only."""
+    dep = k8s("deployment.yaml")
+    data = k8s("configmap.yaml")["data"]
+    server = load_gateway_config(data["config.yaml"])[0].server
+    pgb = ini(data["pgbouncer.ini"])["pgbouncer"]
+    listens = {"gateway": {server.port: server.host, server.admin_port: server.admin_host},
+               "pgbouncer": {int(pgb["listen_port"]): pgb["listen_addr"]}}
+    for c in dep["spec"]["template"]["spec"]["containers"]:
+        for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+            probe = c.get(kind)
+            if probe is None or "exec" in probe:
+                continue
+            target = probe.get("tcpSocket") or probe.get("httpGet")
+            port = port_number(c, target["port"])
+            assert listens[c["name"]].get(port) in ("*", "0.0.0.0"), (c["name"], kind, port)
+    # and nobody else reaches PgBouncer: no Service port, no NetworkPolicy rule for it
+    service_ports = {p["targetPort"] for p in k8s("service.yaml")["spec"]["ports"]}
+    policy_ports = {p["port"] for rule in k8s("networkpolicy.yaml")["spec"]["ingress"] for p in rule["ports"]}
+    assert not ({"pgbouncer", int(pgb["listen_port"])} & (service_ports | policy_ports))
+
+
+def test_kubernetes_pool_sizes_fit_pgbouncers_limits() -> None:
+    """The gateway's pool never holds more transactions than PgBouncer's pool runs at once:
+    a surplus would queue in PgBouncer's first-come queue, behind the gateway's fair one."""
+    data = k8s("configmap.yaml")["data"]
+    database = load_gateway_config(data["config.yaml"])[0].database
+    pgb = ini(data["pgbouncer.ini"])["pgbouncer"]
+    assert database.pool_max_size <= int(pgb["default_pool_size"]) <= int(pgb["max_db_connections"])
+    assert database.pool_min_size <= database.pool_max_size
+
+
+def test_kubernetes_secrets_are_optional_unless_always_needed() -> None:
+    """A config without JWT (or the catalog, or PgBouncer's figures) starts without those
+    keys in the Secret; only the database password is always required."""
+    gateway = container(k8s("deployment.yaml"), "gateway")
+    refs = {e["valueFrom"]["secretKeyRef"]["key"]: e["valueFrom"]["secretKeyRef"] for e in gateway["env"]}
+    required = {key for key, ref in refs.items() if not ref.get("optional")}
+    assert required <= {"db-password", "admin-token-sha256"}, required
+    assert {"jwt-secret", "control-password", "stats-password"} <= refs.keys() - required
+    config = yaml.safe_load(k8s("configmap.yaml")["data"]["config.yaml"])
+    del config["auth"]["jwt"]
+    config["auth"]["api_keys"] = [{"name": "svc", "sha256": "0" * 64, "tenant": "aaaaaaaa-0000-4000-8000-00000000000a"}]
+    env = {"PROXY_DB_PASSWORD": "x", "PROXY_STATS_PASSWORD": "x", "PROXY_CONTROL_PASSWORD": "x",
+           "PROXY_ADMIN_TOKEN_SHA256": "0" * 64}
+    assert parse_config(config, env).auth.jwt is None  # no PROXY_JWT_SECRET needed
