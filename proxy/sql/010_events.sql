@@ -65,11 +65,17 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON public.events TO app;
 -- partition for rows outside them, and partitions older than the retention dropped by
 -- maintenance.  Set up once: afterwards ops own the settings in partman.part_config
 -- (docs/lifecycle.md), and re-running this file leaves them alone.
+-- pg_partman 4.x (Debian's postgresql-15-partman) calls PostgreSQL's declarative
+-- partitioning 'native'; 5.x (the PostgreSQL project's packages) 'range'.
 DO $$
+DECLARE
+  declarative text := CASE WHEN split_part((SELECT extversion FROM pg_catalog.pg_extension
+                                            WHERE extname = 'pg_partman'), '.', 1)::int >= 5
+                           THEN 'range' ELSE 'native' END;
 BEGIN
   IF NOT EXISTS (SELECT 1 FROM partman.part_config WHERE parent_table = 'public.events') THEN
     PERFORM partman.create_parent(p_parent_table := 'public.events', p_control := 'created_at',
-                                  p_type := 'native', p_interval := '1 month', p_premake := 4,
+                                  p_type := declarative, p_interval := '1 month', p_premake := 4,
                                   p_jobmon := false);
     UPDATE partman.part_config
        SET retention = '24 months', retention_keep_table = false, retention_keep_index = false,
@@ -87,3 +93,6 @@ BEGIN
   END IF;
 END
 $$;
+
+-- The version before pg_partman 5 was handled, applied wherever pg_partman 4 is:
+-- migrate: supersedes 08a88efad4b7edfa371abad5cce838a17540bad9c8eb3dc95553650ab7ecbcf9

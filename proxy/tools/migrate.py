@@ -10,7 +10,11 @@ one database, each file once, and record them.
 * The record is ``tenant_proxy_migrate.migrations``: name, sha256 of the file, when, and
   whether it was applied or adopted.  Its own schema: ``tenant_proxy`` is the control
   catalog's, created and owned by its role.  Nothing in it is granted to PUBLIC.
-* An applied file that has changed since is refused, naming it, before anything runs.
+* An applied file that has changed since is refused, naming it, before anything runs;
+  unless the new version says, in a line ``-- migrate: supersedes <sha256>``, that it
+  replaces the version applied (a change that only makes the file run where the old one
+  could not, such as another version of an extension).  Then the new checksum is
+  recorded and the file is not run again.
 * A database set up before this command existed (by psql or compose's initdb) has no
   record: the files whose objects are all there are adopted (recorded, not run), from the
   first file on, stopping at the first whose objects are missing (ADOPTION_EVIDENCE).
@@ -21,6 +25,7 @@ one database, each file once, and record them.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +41,7 @@ SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 SCHEMA = "tenant_proxy_migrate"
 TABLE = f"{SCHEMA}.migrations"
 NO_TRANSACTION = "-- migrate: no-transaction"
+_SUPERSEDES = re.compile(r"^-- migrate: supersedes ([0-9a-f]{64})\s*$", re.MULTILINE)
 # pg_advisory_lock's key: the bytes of "tpmigrat" as a bigint, so no other lock collides by accident.
 LOCK_KEY = int.from_bytes(b"tpmigrat", "big")
 _SUPERUSER_HINT = ("the migrations create roles, event triggers and a function that reads pg_shadow: "
@@ -97,6 +103,11 @@ class Migration:
     def transactional(self) -> bool:
         return not self.sql.startswith(NO_TRANSACTION)
 
+    @property
+    def supersedes(self) -> frozenset[str]:
+        """The checksums of the earlier versions of this file it may replace where they were applied."""
+        return frozenset(_SUPERSEDES.findall(self.sql))
+
 
 def load(directory: Path) -> list[Migration]:
     """The directory's ``*.sql`` files in name order, with their checksums."""
@@ -154,7 +165,8 @@ async def _recorded(conn: Any) -> dict[str, asyncpg.Record]:
 def check_unchanged(files: list[Migration], recorded: dict[str, Any]) -> None:
     """Refuse when a recorded file changed or is gone, before anything runs."""
     by_name = {m.name: m for m in files}
-    changed = [name for name, row in recorded.items() if name in by_name and by_name[name].sha256 != row["sha256"]]
+    changed = [name for name, row in recorded.items() if name in by_name and by_name[name].sha256 != row["sha256"]
+               and row["sha256"] not in by_name[name].supersedes]
     if changed:
         row = recorded[changed[0]]
         also = f", and so have {', '.join(changed[1:])}" if changed[1:] else ""
@@ -229,7 +241,11 @@ async def migrate(dsn: str, directory: Path, say: Callable[[str], None]) -> int:
         done = set(recorded) or await adopt(conn, files, say)
         applied = 0
         for m in files:
-            if m.name in recorded:
+            if m.name in recorded and recorded[m.name]["sha256"] != m.sha256:
+                await conn.execute(f"UPDATE {TABLE} SET sha256 = $2 WHERE name = $1", m.name, m.sha256)
+                say(f"{m.name}: superseded the version {recorded[m.name]['how']} here "
+                    f"(sha256 {recorded[m.name]['sha256'][:12]}...); recorded, not run again")
+            elif m.name in recorded:
                 say(f"{m.name}: already applied")
             elif m.name not in done:
                 started = time.monotonic()

@@ -6,7 +6,9 @@ two runs at once apply each file once, and a missing right or server is said pla
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -128,6 +130,36 @@ async def test_a_changed_applied_file_is_refused_naming_it(fresh: Fresh, tmp_pat
     code, lines, err = migrate(dsn)
     assert code == 1 and lines == []
     assert "this database has 999_future.sql recorded, which these migrations do not include" in err
+
+
+async def test_a_new_version_that_supersedes_the_applied_one_is_recorded_not_run(fresh: Fresh,
+                                                                                tmp_path: Path) -> None:
+    """A file may replace its applied version when it says so (``-- migrate: supersedes``
+    with that version's checksum, as 010_events.sql does for pg_partman 5): recorded, not
+    run.  A line naming any other checksum changes nothing: still refused."""
+    dsn, sql = await fresh(), copy_of_migrations(tmp_path)
+    first = "CREATE TABLE public.migrate_note (id int);\n"
+    (sql / "030_note.sql").write_text(first)
+    assert migrate(dsn, "--dir", str(sql))[0] == 0
+    old = hashlib.sha256(first.encode()).hexdigest()
+    (sql / "030_note.sql").write_text(f"-- migrate: supersedes {'0' * 64}\n{first}")
+    code, _, err = migrate(dsn, "--dir", str(sql))
+    assert code == 1 and "030_note.sql has changed since it was applied" in err
+    second = f"CREATE TABLE IF NOT EXISTS public.migrate_note (id int);\n-- migrate: supersedes {old}\n"
+    (sql / "030_note.sql").write_text(second)
+    code, lines, err = migrate(dsn, "--dir", str(sql))
+    assert code == 0, err
+    assert f"030_note.sql: superseded the version applied here (sha256 {old[:12]}...); recorded, not run again" \
+        in lines
+    assert (await recorded(dsn))["030_note.sql"] == (hashlib.sha256(second.encode()).hexdigest(), "applied")
+    assert migrate(dsn, "--dir", str(sql))[1][-1].startswith("nothing to apply")
+
+
+def test_010_declares_the_version_it_supersedes() -> None:
+    text = (SQL_DIR / "010_events.sql").read_text()
+    declared = re.findall(r"^-- migrate: supersedes ([0-9a-f]{64})$", text, re.MULTILINE)
+    assert declared and hashlib.sha256(text.encode()).hexdigest() not in declared
+    assert "'range' ELSE 'native'" in text  # pg_partman 5 and 4
 
 
 async def test_a_database_set_up_before_migrate_existed_is_adopted(fresh: Fresh, tmp_path: Path) -> None:

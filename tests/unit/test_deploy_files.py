@@ -288,7 +288,7 @@ def test_kubernetes_service_monitor_hpa_pdb_and_kustomization_fit_together() -> 
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     assert pdb["spec"].get("maxUnavailable", 0) < hpa["spec"]["minReplicas"]
     listed = set(k8s("kustomization.yaml")["resources"])
-    manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
+    manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml", "migrate-job.yaml"}
     assert listed == manifests
     assert "secret.example.yaml" not in listed, "placeholders must never overwrite the real Secret"
 
@@ -303,10 +303,12 @@ def bind_sources(service: dict[str, Any]) -> list[str]:
     return sources
 
 
-def test_compose_has_the_five_services_with_health_checks_and_ordering() -> None:
+def test_compose_has_the_services_with_health_checks_and_ordering() -> None:
     services = compose()["services"]
-    assert set(services) == {"postgres", "pgbouncer", "gateway", "prometheus", "grafana"}
+    assert set(services) == {"postgres", "migrate", "pgbouncer", "gateway", "prometheus", "grafana"}
     for name, service in services.items():
+        if service.get("restart") == "no":  # a one-shot (migrate): done is what counts
+            continue
         assert service.get("healthcheck", {}).get("test"), f"{name} has a healthcheck"
     assert services["pgbouncer"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert services["gateway"]["depends_on"]["pgbouncer"]["condition"] == "service_healthy"
@@ -331,17 +333,26 @@ def test_every_file_compose_mounts_exists() -> None:
                        (v.split(":")[1] for v in service["volumes"] if isinstance(v, str))), script
 
 
-def test_compose_runs_every_migration_then_sets_passwords() -> None:
-    postgres = compose()["services"]["postgres"]
+def test_compose_sets_passwords_first_and_migrates_on_every_start() -> None:
+    """The first start (an empty volume) creates the login roles with their passwords
+    before anything can fail, then applies every migration and the demo data; every start
+    runs `tenant-proxy migrate` (adopting what the first start applied) before the gateway."""
+    services = compose()["services"]
+    postgres = services["postgres"]
     assert "../sql:/tenant-proxy/sql:ro" in postgres["volumes"], "deploy/sql is mounted whole"
     assert "./initdb:/docker-entrypoint-initdb.d:ro" in postgres["volumes"]
     scripts = sorted(p.name for p in (COMPOSE_DIR / "initdb").iterdir())
-    assert scripts == ["010_migrate.sh", "zz_passwords.sh"], "migrations first, passwords last"
-    passwords = (COMPOSE_DIR / "initdb" / "zz_passwords.sh").read_text()
+    assert scripts == ["000_passwords.sh", "010_migrate.sh"], "passwords first, then the migrations"
+    passwords = (COMPOSE_DIR / "initdb" / "000_passwords.sh").read_text()
     for role in ("app", "pgbouncer_auth"):
-        assert f"ALTER ROLE {role} PASSWORD" in passwords
+        assert f"CREATE ROLE {role}" in passwords and f"ALTER ROLE {role} PASSWORD" in passwords
     needed = set(re.findall(r"\$\{([A-Z_]+):\?", passwords))
     assert needed <= postgres["environment"].keys()
+    migrate = services["migrate"]
+    assert migrate["command"][:2] == ["migrate", "--dsn"] and "@postgres:5432/appdb" in migrate["command"][2]
+    assert migrate["image"] == services["gateway"]["image"] and migrate["restart"] == "no"
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["gateway"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
 
 
 def test_compose_passwords_have_one_default_each() -> None:
@@ -464,3 +475,20 @@ def test_kubernetes_secrets_are_optional_unless_always_needed() -> None:
     env = {"PROXY_DB_PASSWORD": "x", "PROXY_STATS_PASSWORD": "x", "PROXY_CONTROL_PASSWORD": "x",
            "PROXY_ADMIN_TOKEN_SHA256": "0" * 64}
     assert parse_config(config, env).auth.jwt is None  # no PROXY_JWT_SECRET needed
+
+
+def test_kubernetes_migrate_job_runs_the_gateways_image_as_a_superuser_dsn_from_the_secret() -> None:
+    job = k8s("migrate-job.yaml")
+    deployment = k8s("deployment.yaml")
+    pod = job["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert job["kind"] == "Job" and pod["restartPolicy"] == "Never"
+    assert c["image"] == container(deployment, "gateway")["image"]
+    assert c["args"] == ["migrate", "--dsn", "$(MIGRATE_DSN)"]
+    ref = c["env"][0]["valueFrom"]["secretKeyRef"]
+    secret = k8s("secret.example.yaml")
+    assert (c["env"][0]["name"], ref["name"]) == ("MIGRATE_DSN", secret["metadata"]["name"])
+    assert ref["key"] in secret["stringData"] and "@" in secret["stringData"][ref["key"]]
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["runAsNonRoot"] is True and sc["capabilities"]["drop"] == ["ALL"]
+    assert "migrate-job.yaml" not in k8s("kustomization.yaml")["resources"], "a Job is run, not re-applied"

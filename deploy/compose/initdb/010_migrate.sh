@@ -5,7 +5,9 @@
 # deploy/sql is mounted whole at /tenant-proxy/sql and applied here in file-name order,
 # the order the dev stack and the tests use, so a new migration needs no compose change.
 # Then the demo data, so the quick start has rows to show.  Written to be sourced too
-# (no exit, no set -u, the locale change kept in a subshell).
+# (no exit, no set -u, the locale change kept in a subshell).  The `migrate` service runs
+# `tenant-proxy migrate` on every start after this: it adopts what ran here, and applies
+# what a later version adds (or what is left if this script stopped half-way).
 set -Eeo pipefail
 
 (
