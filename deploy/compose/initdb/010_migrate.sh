@@ -12,7 +12,9 @@ set -Eeo pipefail
 
 (
   export LC_ALL=C
-  for file in /tenant-proxy/sql/*.sql /tenant-proxy/demo.sql; do
+  # The container's paths; tests/integration/test_compose_init.py runs this script outside
+  # a container, with these pointed at the checkout.
+  for file in "${TENANT_PROXY_SQL_DIR:-/tenant-proxy/sql}"/*.sql "${TENANT_PROXY_DEMO_SQL:-/tenant-proxy/demo.sql}"; do
     echo "tenant-proxy initdb: applying ${file}"
     psql -v ON_ERROR_STOP=1 --no-psqlrc --username "${POSTGRES_USER}" --dbname "${POSTGRES_DB}" --file "${file}"
   done

@@ -7,16 +7,20 @@ set -eu
 : "${PGBOUNCER_AUTH_PASSWORD:?must be set}"
 : "${PGBOUNCER_STATS_PASSWORD:?must be set}"
 here=$(dirname "$0")
+# The container's paths; tests/integration/test_compose_init.py runs this script outside a
+# container with these pointed elsewhere.
+run=${PGBOUNCER_RUN_DIR:-/tmp/pgbouncer}
+reference=${PGBOUNCER_REFERENCE_INI:-/etc/pgbouncer/reference.ini}
 
 # A double quote inside a field is written twice (PgBouncer's auth_file format).
 quote() { printf '"%s"' "$(printf '%s' "$1" | sed 's/"/""/g')"; }
 
 umask 077
-mkdir -p /tmp/pgbouncer
+mkdir -p "$run"
 {
   printf '%s %s\n' "$(quote pgbouncer_auth)" "$(quote "$PGBOUNCER_AUTH_PASSWORD")"
   printf '%s %s\n' "$(quote stats)" "$(quote "$PGBOUNCER_STATS_PASSWORD")"
-} > /tmp/pgbouncer/userlist.txt
-sh "$here/render.sh" /etc/pgbouncer/reference.ini "$here/overrides.ini" > /tmp/pgbouncer/pgbouncer.ini
+} > "$run/userlist.txt"
+sh "$here/render.sh" "$reference" "$here/overrides.ini" > "$run/pgbouncer.ini"
 
-exec pgbouncer /tmp/pgbouncer/pgbouncer.ini
+exec pgbouncer "$run/pgbouncer.ini"
