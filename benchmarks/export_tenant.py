@@ -4,7 +4,7 @@ The claim to check: the export streams, so its memory stays flat however large t
 tenant.  The same tenant is exported at 100,000 and at 1,000,000 rows (a second tenant's
 100,000 rows sit beside it) and the CLI process's peak RSS (its VmHWM) and rows/s
 recorded for each.  Then the 1,000,000 rows are purged and imported back (the batched
-INSERT ... SELECT FROM unnest path, see proxy/restore.py), and that loading path is
+INSERT ... SELECT FROM unnest path, see proxy/tools/restore.py), and that loading path is
 compared with asyncpg's executemany (one INSERT per row) on the same 100,000 rows.
 """
 

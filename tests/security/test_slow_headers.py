@@ -1,6 +1,6 @@
 """Slow request heads (issue 18 finding 9, slowloris): a connection that has not delivered
 a complete request head within ``server.header_timeout_s`` of its opening, or of the first
-byte of its next request, is closed (proxy/head_deadline.py), on both ports; the wait
+byte of its next request, is closed (proxy/http/head_deadline.py), on both ports; the wait
 between two requests on a keep-alive connection is not counted, and a slow body is still
 the body timeout's (408).  Raw sockets throughout: an HTTP client sends whole heads.
 """

@@ -1,5 +1,5 @@
 """The streaming sink on a real aiohttp server: a client that is gone surfaces as
-client_closed_request, never as an OSError (which db.py would take for the database
+client_closed_request, never as an OSError (which pg/classify.py would take for the database
 failing, and a replica serving the read would be taken out of rotation)."""
 
 from __future__ import annotations
