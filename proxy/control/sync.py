@@ -68,6 +68,7 @@ class ControlSync:
         self._task: asyncio.Task[None] | None = None
         self._op_timeout = max(1.0, 2 * cfg.heartbeat_s)
         self._pool: asyncpg.Pool | None = None  # for the admin API's writes, opened on first use
+        self._registered = False  # a row in the instances table may be this instance's
 
     @contextlib.asynccontextmanager
     async def catalog(self, settings: Settings) -> AsyncIterator[Catalog]:
@@ -107,13 +108,37 @@ class ControlSync:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            try:  # leave the fleet at once: a move need not wait for this instance's lease
-                async with asyncio.timeout(self._op_timeout):
-                    await conn.execute(f"DELETE FROM {SCHEMA}.instances WHERE id = $1", self.id)
-            except _ERRORS:
-                pass
+        if self._registered:
+            self._registered = False
+            await self._leave(conn)
+        elif conn is not None:
             conn.terminate()
+
+    async def _leave(self, conn: asyncpg.Connection | None) -> None:
+        """Leave the fleet at once, so a move need not wait for this instance's lease.  The
+        LISTEN connection may be unusable (the sync loop was cancelled mid-query, or it was
+        lost): then a connection of its own does it."""
+        delete = f"DELETE FROM {SCHEMA}.instances WHERE id = $1"
+        try:
+            if conn is not None and not conn.is_closed():
+                try:
+                    async with asyncio.timeout(self._op_timeout):
+                        await conn.execute(delete, self.id)
+                    return
+                except _ERRORS:
+                    pass
+            async with asyncio.timeout(self._op_timeout):  # a catalog that is down delays the stop little
+                own = await connect(self.cfg.dsn or "", checked=False, timeout_s=self._op_timeout)
+                try:
+                    await own.execute(delete, self.id)
+                finally:
+                    own.terminate()
+        except _ERRORS as exc:
+            log.warning("control catalog: could not leave the fleet (%s: %s); the lease (%.1f s) will expire it",
+                        type(exc).__name__, exc, self.cfg.lease_s)
+        finally:
+            if conn is not None:
+                conn.terminate()
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
         Gauge("tenant_proxy_control_version", "Catalog version this instance applied",
@@ -189,6 +214,7 @@ class ControlSync:
             if paused:
                 await self._drain(paused)
         self.confirmed_at = started
+        self._registered = True
         async with asyncio.timeout(self._op_timeout):
             await conn.execute(
                 f"INSERT INTO {SCHEMA}.instances (id, address, applied_version) VALUES ($1, $2, $3) "

@@ -102,12 +102,14 @@ class Gateway:
     worker: WorkerSlot | None = None
     # The data port's TLS context (server.tls_cert_file), its certificate reloaded in place.
     tls: ssl.SSLContext | None = None
+    # The settings the gateway started with: what the listeners were made with.
+    _started: Settings = field(init=False)
     _overlay: Overlay = field(default_factory=Overlay)
     _closing: set[asyncio.Task[None]] = field(default_factory=set)
     _purger: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
-        s = self.runtime.settings
+        s = self._started = self.runtime.settings
         self.metrics = Metrics(s.metrics, __version__, s.pinned_tenants, self.pool_stats, self.admission.inflight)
         self.admission.fleet_size = self.admission.rates.fleet_size = self.fleet_size
         self.admission.rates.on_redis = self.metrics.redis_up.set
@@ -133,17 +135,21 @@ class Gateway:
         else:
             try:
                 settings = load_config(self.config_path, self.env)
-                tls.reload(self.tls, settings.server)
+                tls.check_reload(self.tls, settings.server)
             except ConfigError as exc:
                 problems = exc.problems
             else:
                 try:
-                    restart = restart_needed(self.file_settings or self.runtime.settings, settings)
                     await self.apply(settings)
+                    if self.tls is not None:  # only once the rest is in force: a rejected reload keeps the old pair
+                        tls.load(self.tls, settings.server)
                     problems = []
+                    restart = restart_needed(self._started, settings)
                     if restart:
                         log.warning("config reload: %s changed but need a restart; the old values stay in force",
                                     ", ".join(restart))
+                except ConfigError as exc:  # the certificate files changed again since they were checked
+                    problems = exc.problems
                 except RedisUnavailable as exc:
                     problems = [str(exc)]
                 except _START_ERRORS as exc:

@@ -59,14 +59,14 @@ def load(ctx: ssl.SSLContext, cfg: ServerConfig) -> None:
     ctx.verify_mode = ssl.CERT_REQUIRED
 
 
-def reload(ctx: ssl.SSLContext | None, cfg: ServerConfig) -> None:
-    """Apply a reloaded config's TLS files to the running context.  Turning TLS on or off
-    needs a restart: the listening socket was made with or without it."""
+def check_reload(ctx: ssl.SSLContext | None, cfg: ServerConfig) -> None:
+    """Whether a reloaded config's TLS files can replace the running ones (``load`` does,
+    once the rest of the config is in force).  Turning TLS on or off needs a restart: the
+    listening socket was made with or without it.  The files are checked on a context of
+    their own: a key that does not match would otherwise leave the live context with the
+    new certificate and the old key."""
     if (ctx is None) != (cfg.tls_cert_file is None):
         raise ConfigError(["server.tls_cert_file: turning HTTPS on or off needs a restart (the config was not "
                            "applied)"])
     if ctx is not None:
-        # Checked on a context of its own first: a key that does not match would otherwise
-        # leave the live context with the new certificate and the old key.
         server_context(cfg)
-        load(ctx, cfg)

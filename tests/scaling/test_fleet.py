@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import time
 import uuid
@@ -22,6 +23,7 @@ import yaml
 from proxy.__main__ import main
 from proxy.config import load_config
 from proxy.control.schema import SCHEMA, CatalogError
+from proxy.control.sync import ControlSync
 from proxy.http.app import start_gateway
 from proxy.tools.devstack import LocalStack
 from proxy.tools.move import move_tenant
@@ -399,3 +401,34 @@ async def test_a_catalog_in_the_tenants_database_is_out_of_the_gateway_roles_rea
     async with running_gateway(load_config(config, {}), config) as api:
         r = await api.query(f"SELECT name, sha256 FROM {SCHEMA}.api_keys", key=KEY_A)
         assert r.status >= 400 and "sha256" not in str(r.body.get("rows", "")), r.body
+
+
+
+async def test_an_instance_stopped_without_its_catalog_connection_still_leaves_the_fleet(
+        primary: LocalStack, tmp_path: Path) -> None:
+    """Stopping cancels the sync loop.  When its LISTEN connection is gone (lost, or cancelled
+    mid-query, where a late cancel request can hit the DELETE: CI once saw a worker's row
+    outlive it), the instance leaves on a connection of its own, not after its lease."""
+    async with cuttable("127.0.0.1", primary.pg_port) as proxy, fleet(primary, tmp_path, n=0) as f:
+        settings = load_config(f.config, {})
+        via = settings.control.dsn.replace(f":{primary.pg_port}/", f":{proxy.port}/")
+        cfg = dataclasses.replace(settings.control, dsn=via, lease_s=60.0)
+        sync = ControlSync(cfg, "127.0.0.1:1", lambda _view: None, _no_drain)
+        await sync.start()
+        try:
+            assert [r["id"] for r in await f.catalog(f"SELECT id FROM {SCHEMA}.instances")] == [sync.id]
+            proxy.sever()
+            await within(5.0)(lambda: _is(not sync.connected))
+            proxy.restore()  # and stopped before the loop's next try: no await in between
+            await sync.close()
+        finally:
+            await sync.close()
+        assert await f.catalog(f"SELECT id FROM {SCHEMA}.instances") == []
+
+
+async def _no_drain(_tenants: set[str]) -> None:
+    return None
+
+
+async def _is(value: bool) -> bool:
+    return value
