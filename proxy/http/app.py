@@ -149,7 +149,8 @@ class Gateway:
                         log.warning("config reload: %s changed but need a restart; the old values stay in force",
                                     ", ".join(restart))
                 except ConfigError as exc:  # the certificate files changed again since they were checked
-                    problems = exc.problems
+                    problems = [f"{p} (the files changed during the reload: the rest of the new config is in "
+                                "force; reload again)" for p in exc.problems]
                 except RedisUnavailable as exc:
                     problems = [str(exc)]
                 except _START_ERRORS as exc:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import socket
 import ssl
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import yaml
 
 from proxy.config import ConfigError, load_config
 from proxy.http.app import start_gateway
+from proxy.tools.devstack import free_port
 
 from ..fix_gateway import KEY_A, TENANT_A, base_config, make_settings, merge
 from ..fix_stack import Stack
@@ -63,12 +63,6 @@ async def _presented(port: int) -> str:
     """The SHA-256 of the certificate a new handshake on ``port`` presents."""
     pem = await asyncio.to_thread(ssl.get_server_certificate, ("127.0.0.1", port))
     return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _fingerprint(cert: Path) -> str:
@@ -128,20 +122,18 @@ async def test_the_certificate_is_reloaded_on_sighup_and_a_bad_one_is_refused(st
     try:
         # a key that is not the certificate's: the reload is refused, the old pair stays
         other_key, _ = _certificate(tmp_path, "other")
-        (tmp_path / "gateway.key.orig").write_bytes(key.read_bytes())
         key.write_bytes(other_key.read_bytes())
         problems = await running.gateway.reload()
         assert problems and "is not the key of the certificate" in problems[0]
         assert await _presented(running.port) == first
         # a good new pair in a config that is refused for another reason (its Redis does not
         # answer): the whole reload is refused, the certificate included
-        key.write_bytes((tmp_path / "gateway.key.orig").read_bytes())
         _certificate(tmp_path, "unused")
         (tmp_path / "unused.key").replace(key)
         (tmp_path / "unused.crt").replace(cert)
         config.write_text(yaml.safe_dump(merge(base_config(stack), {
             "server": {"tls_cert_file": str(cert), "tls_key_file": str(key)},
-            "limits": {"redis_url": f"redis://127.0.0.1:{_free_port()}/0"}})))
+            "limits": {"redis_url": f"redis://127.0.0.1:{free_port()}/0"}})))
         problems = await running.gateway.reload()
         assert problems and "does not answer" in problems[0]
         assert await _presented(running.port) == first

@@ -403,7 +403,6 @@ async def test_a_catalog_in_the_tenants_database_is_out_of_the_gateway_roles_rea
         assert r.status >= 400 and "sha256" not in str(r.body.get("rows", "")), r.body
 
 
-
 async def test_an_instance_stopped_without_its_catalog_connection_still_leaves_the_fleet(
         primary: LocalStack, tmp_path: Path) -> None:
     """Stopping cancels the sync loop.  When its LISTEN connection is gone (lost, or cancelled
